@@ -1,0 +1,155 @@
+"""`LoRALinear`: a drop-in for PEFT's `lora.Linear` (one adapter) that runs the fused op."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lora_kernels.ops.lora_linear import lora_linear
+
+
+class LoRALinear(nn.Module):
+    """``y = base_layer(x) + scaling[adapter] · lora_B(lora_A(dropout(x)))``, fused into one op.
+
+    Parameters and ``state_dict`` keys match PEFT's ``lora.Linear``: ``base_layer.weight``,
+    ``base_layer.bias``, ``lora_A.<adapter>.weight`` [r, in], ``lora_B.<adapter>.weight`` [out, r].
+    The base layer is frozen. ``scaling`` is a dict keyed by adapter name and read at every forward.
+    ``backend`` (None = fastest available) may be changed at any time.
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, init_lora_weights: bool | str = True, adapter_name: str = "default",
+                 backend: Optional[str] = None):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.adapter_name = adapter_name
+        self.backend = backend
+        self.r = {adapter_name: r}
+        self.lora_alpha = {adapter_name: lora_alpha}
+        self.use_rslora = {adapter_name: use_rslora}
+        self.scaling = {adapter_name: lora_alpha / (math.sqrt(r) if use_rslora else r)}
+        self.lora_dropout = nn.ModuleDict(
+            {adapter_name: nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()})
+        w = base_layer.weight
+        self.lora_A = nn.ModuleDict({adapter_name: nn.Linear(self.in_features, r, bias=False,
+                                                             device=w.device, dtype=w.dtype)})
+        self.lora_B = nn.ModuleDict({adapter_name: nn.Linear(r, self.out_features, bias=False,
+                                                             device=w.device, dtype=w.dtype)})
+        self.merged_adapters: list[str] = []
+        self.reset_lora_parameters(init_lora_weights)
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+
+    def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
+        """PEFT's initialisation: A Kaiming-uniform (or N(0, 1/r) for "gaussian"), B zero; False keeps both."""
+        if init_lora_weights is False:
+            return
+        A, B = self.lora_A[self.adapter_name].weight, self.lora_B[self.adapter_name].weight
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        elif init_lora_weights == "gaussian":
+            nn.init.normal_(A, std=1 / self.r[self.adapter_name])
+        else:
+            raise ValueError(f"Unknown init_lora_weights={init_lora_weights!r}: use True, False or 'gaussian'")
+        nn.init.zeros_(B)
+
+    @classmethod
+    def from_peft(cls, peft_layer: nn.Module, backend: Optional[str] = None) -> "LoRALinear":
+        """Build from a PEFT ``lora.Linear`` with one adapter, sharing (not copying) its parameters."""
+        reason = unsupported_peft_reason(peft_layer)
+        if reason:
+            raise ValueError(f"cannot convert this PEFT layer: {reason}")
+        name = peft_layer.active_adapters[0]
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.base_layer = peft_layer.base_layer
+        self.in_features, self.out_features = peft_layer.in_features, peft_layer.out_features
+        self.adapter_name, self.backend = name, backend
+        self.r = {name: peft_layer.r[name]}
+        self.lora_alpha = {name: peft_layer.lora_alpha[name]}
+        self.use_rslora = {name: peft_layer.use_rslora.get(name, False)}
+        self.scaling = {name: peft_layer.scaling[name]}
+        self.lora_dropout = nn.ModuleDict({name: peft_layer.lora_dropout[name]})
+        self.lora_A = nn.ModuleDict({name: peft_layer.lora_A[name]})
+        self.lora_B = nn.ModuleDict({name: peft_layer.lora_B[name]})
+        self.merged_adapters = list(peft_layer.merged_adapters)
+        return self
+
+    @property
+    def dropout_p(self) -> float:
+        drop = self.lora_dropout[self.adapter_name]
+        return drop.p if isinstance(drop, nn.Dropout) else 0.0
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def get_delta_weight(self) -> torch.Tensor:
+        """s · B A in the base weight's dtype (computed in float32)."""
+        A = self.lora_A[self.adapter_name].weight
+        B = self.lora_B[self.adapter_name].weight
+        delta = (B.float() @ A.float()) * self.scaling[self.adapter_name]
+        return delta.to(self.base_layer.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            warnings.warn(f"Already merged: {self.merged_adapters}. Nothing to do.")
+            return
+        self.base_layer.weight.add_(self.get_delta_weight())
+        self.merged_adapters.append(self.adapter_name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        self.base_layer.weight.sub_(self.get_delta_weight())
+        self.merged_adapters.remove(self.adapter_name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        return lora_linear(x, self.base_layer.weight, self.base_layer.bias,
+                           self.lora_A[self.adapter_name].weight, self.lora_B[self.adapter_name].weight,
+                           self.scaling[self.adapter_name], self.dropout_p, self.training, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"r={self.r[self.adapter_name]}, adapter={self.adapter_name!r}, backend={self.backend}")
+
+
+def unsupported_peft_reason(layer: nn.Module) -> str:
+    """Why the fused op cannot run this PEFT LoRA layer, or "" when it can."""
+    if not isinstance(getattr(layer, "base_layer", None), nn.Linear) or type(layer.base_layer) is not nn.Linear:
+        return f"base layer is {type(getattr(layer, 'base_layer', None)).__name__}, not a plain nn.Linear"
+    active = list(getattr(layer, "active_adapters", []))
+    if len(active) != 1:
+        return f"needs exactly one active adapter, has {active}"
+    name = active[0]
+    if name not in getattr(layer, "lora_A", {}):
+        return f"active adapter {name!r} has no lora_A/lora_B weights"
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True is not supported"
+    if getattr(layer, "use_dora", {}).get(name, False):
+        return "DoRA (use_dora=True) is not supported"
+    if getattr(layer, "lora_bias", {}).get(name, False):
+        return "lora_bias=True is not supported"
+    if getattr(layer, "lora_variant", {}).get(name) is not None:
+        return f"LoRA variant {type(layer.lora_variant[name]).__name__} is not supported"
+    if getattr(layer, "disable_adapters", False):
+        return "adapters are disabled"
+    drop = layer.lora_dropout[name]
+    if not isinstance(drop, (nn.Dropout, nn.Identity)):
+        return f"lora_dropout is {type(drop).__name__}"
+    return ""
