@@ -1,0 +1,91 @@
+"""A kernel launch as data, so the exact configs we run can also be compiled ahead of time for a GPU.
+
+Each launcher builds `Launch` objects (kernel, grid, runtime args, constexprs, warps, stages) and runs
+them. The AOT tests build the same objects from meta tensors and compile them with
+`triton.compile(..., target=GPUTarget("cuda", cc, 32))` on a machine without a GPU, then read register,
+spill-stack and shared-memory use from the cubin.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+
+_TL_DTYPE = {
+    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+    torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
+    torch.bool: "i1",
+}
+
+
+@dataclass
+class Launch:
+    kernel: object                      # a @triton.jit function
+    grid: tuple
+    args: dict                          # runtime arguments by name: tensors, ints, floats
+    constexprs: dict = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def run(self) -> None:
+        if all(g > 0 for g in self.grid):
+            self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps,
+                                   num_stages=self.num_stages)
+
+    def signature(self) -> dict:
+        """Triton type strings for every parameter, as `triton.compile` wants them."""
+        sig = {}
+        for name, v in self.args.items():
+            if isinstance(v, torch.Tensor):
+                sig[name] = "*" + _TL_DTYPE[v.dtype]
+            elif isinstance(v, bool):
+                sig[name] = "i1"
+            elif isinstance(v, int):
+                sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            elif isinstance(v, float):
+                sig[name] = "fp32"
+            else:
+                raise TypeError(f"cannot type argument {name}={v!r}")
+        for name in self.constexprs:
+            sig[name] = "constexpr"
+        return sig
+
+    def describe(self) -> str:
+        kname = getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
+        meta = ",".join(f"{k}={v}" for k, v in self.constexprs.items())
+        return f"{kname}[{meta},warps={self.num_warps},stages={self.num_stages}]"
+
+
+def aot_compile(launch: Launch, cc: int):
+    """Compile `launch` for an NVIDIA GPU of compute capability `cc` (80, 90), no GPU needed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(launch.kernel, launch.signature(), dict(launch.constexprs))
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                          options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+
+
+def resource_usage(compiled) -> dict:
+    """{"registers", "stack" (spill bytes), "shared" (bytes)} read from the cubin with cuobjdump."""
+    import triton
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"cannot parse cuobjdump output:\n{out}")
+    return {"registers": int(m.group(1)), "stack": int(m.group(2)), "shared": compiled.metadata.shared}
+
+
+# Opt-in shared memory per block (bytes): A100 (sm_80) and H100 (sm_90).
+MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024}
