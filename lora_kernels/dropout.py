@@ -1,9 +1,11 @@
 """Seeded dropout masks that are regenerated, never stored.
 
-Element (m, k) of an [M, K] activation is kept iff ``philox(seed, m*K + k) >> 1 >= threshold``, where
-``philox`` is the first 32-bit output of Philox-4x32-10 -- exactly what Triton's ``tl.randint(seed, offset)``
-computes. The Triton kernels evaluate this inside their loops; `dropout_mask` evaluates the same function
-with plain integer tensor ops, so every backend and the tests see the identical mask.
+Element (m, k) of an [M, K] activation is kept iff ``bits >> 1 >= threshold`` where ``bits`` is output
+``k % 4`` of Philox-4x32-10 (Triton's ``tl.randint4x``) at counter ``m * ceil(K/4) + k // 4``: one Philox
+call yields the bits of four neighbouring columns, which keeps the kernels' registers (and their cost) a
+quarter of one call per element. Groups never straddle rows, so the mask depends only on (seed, M, K, p),
+not on any kernel's tile shape. The Triton kernels evaluate this inside their loops; `dropout_mask`
+evaluates the same function with plain integer tensor ops, so every backend and the tests see one mask.
 """
 from __future__ import annotations
 
@@ -33,10 +35,9 @@ def _umul32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return t >> 16, (a * b) & _MASK32  # int64 multiply wraps mod 2**64, low bits exact
 
 
-def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """First output of Philox-4x32-10 for counter (offsets, 0, 0, 0) and key `seed`: tl.randint's value.
-
-    offsets: int64 tensor of non-negative element indices. Returns int64 values in [0, 2**32).
+def philox4x32(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four outputs of Philox-4x32-10 for counter (offset low 32 bits, offset high 32 bits, 0, 0) and
+    key (seed low 32, seed high 32): what ``tl.randint4x(seed, offsets)`` returns, as int64 in [0, 2**32).
     """
     c0 = offsets & _MASK32
     c1 = (offsets >> 32) & _MASK32
@@ -48,7 +49,7 @@ def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
         hi_a, lo_a = _umul32(c0, _ROUND_A)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
-    return c0
+    return c0, c1, c2, c3
 
 
 def dropout_mask(seed: int | torch.Tensor, shape: tuple[int, int], p: float, device=None) -> torch.Tensor:
@@ -60,6 +61,7 @@ def dropout_mask(seed: int | torch.Tensor, shape: tuple[int, int], p: float, dev
     if isinstance(seed, torch.Tensor):
         seed = int(seed.item())
     M, K = shape
-    offsets = torch.arange(M * K, dtype=torch.int64, device=device).view(M, K)
-    bits31 = philox_randint(seed, offsets) >> 1
-    return bits31 >= keep_threshold(p)
+    K4 = (K + 3) // 4
+    counters = torch.arange(M * K4, dtype=torch.int64, device=device).view(M, K4)
+    bits = torch.stack(philox4x32(seed, counters), dim=-1).view(M, K4 * 4)[:, :K]
+    return (bits >> 1) >= keep_threshold(p)

@@ -1,0 +1,71 @@
+"""Compile every shipped Triton kernel config for sm_80 and sm_90 on this machine (no GPU needed) and
+report registers, spill stack and shared memory: `python -m lora_kernels.kernels.aot_check [--json]`.
+
+Runs without TRITON_INTERPRET (compilation needs real JIT functions). Exit status 1 when a config fails
+to compile, spills registers, or needs more shared memory than the GPU has.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+# Kernel families that ship configs: each module exposes aot_launches().
+KERNEL_MODULES = ["lora_kernels.kernels.lora_linear", "lora_kernels.kernels.multi_lora"]
+CCS = (80, 90)
+
+
+def _launches():
+    for name in KERNEL_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # family not written yet
+                continue
+            raise
+        yield from ((name, i, launch) for i, launch in enumerate(mod.aot_launches()))
+
+
+def _compile_one(job):
+    module, index, cc = job
+    from lora_kernels.kernels._launch import MAX_SHARED, aot_compile, resource_usage
+    launch = next(l for i, l in enumerate(importlib.import_module(module).aot_launches()) if i == index)
+    row = {"kernel": launch.describe(), "cc": cc,
+           "signature": {k: v for k, v in launch.signature().items() if v.startswith("*")}}
+    try:
+        usage = resource_usage(aot_compile(launch, cc))
+    except Exception as e:  # noqa: BLE001 - report every failure, keep going
+        row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:500]}")
+        return row
+    row.update(usage)
+    problems = []
+    if usage["stack"] > 0:
+        problems.append(f"spills {usage['stack']} B to the stack")
+    if usage["shared"] > MAX_SHARED[cc]:
+        problems.append(f"shared memory {usage['shared']} B > {MAX_SHARED[cc]} B")
+    row.update(ok=not problems, error="; ".join(problems))
+    return row
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("run without TRITON_INTERPRET=1: the AOT check compiles real kernels")
+    jobs = [(m, i, cc) for m, i, _ in _launches() for cc in CCS]
+    workers = min(len(jobs), os.cpu_count() or 1) or 1
+    with ProcessPoolExecutor(workers) as pool:
+        rows = list(pool.map(_compile_one, jobs))
+    for r in rows:
+        if "--json" in argv:
+            print(json.dumps(r))
+        else:
+            status = "ok  " if r["ok"] else "FAIL"
+            usage = f"regs={r.get('registers')} stack={r.get('stack')} smem={r.get('shared')}"
+            print(f"{status} sm_{r['cc']} {r['kernel']} {r['signature']} {usage} {r['error']}")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
