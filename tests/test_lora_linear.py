@@ -173,7 +173,7 @@ def test_triton_multi_block(device, monkeypatch):
     small = (16, 16, 16, 2, 4, 2)
     monkeypatch.setattr(klk, "_GEMM_CONFIGS", {k: small for k in klk._GEMM_CONFIGS})
     monkeypatch.setattr(klk, "_TARGET_PROGRAMS", 64)
-    assert klk.shrink_split_k(3, 300, 70, 2) > 1 and klk.da_split_m(150, 300, 70) > 1
+    assert klk.shrink_split_k(3, 300, 70, 2) > 1 and klk.da_split_m(150, 300, 70, 2) > 1
     check_backend("triton", device, 3, 300, 75, 70, torch.float16, torch.float32, dropout_p=0.2)
     check_backend("triton", device, 150, 300, 75, 70, torch.bfloat16, dropout_p=0.2)
 

@@ -89,15 +89,15 @@ def _gemm_lora_kernel(
     stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_er, stride_en,
     stride_om, stride_on,
     has_bias, lora_scale, seed, drop_threshold, keep_scale,
-    CT_BASE: tl.constexpr, CT_LORA: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, CT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """out[M, N] = P Q (+ bias) + lora_scale · (L E) [⊙ m / (1-p)] -- the LoRA term added in the epilogue.
 
     forward: P = x [M, in], Q = W0ᵀ, L = S [M, r], E = Bᵀ, bias;  backward dx: P = G, Q = W0, L = dS,
-    E = A, dropout mask over (row, col) of dx. Bias and dropout are uniform runtime branches in the
-    epilogue (not compile-time variants): one compiled kernel per dtype and tile config.
+    E = A, dropout mask over (row, col) of dx. Bias is a uniform runtime branch; dropout is a compile-time
+    variant: without it the LoRA term accumulates into the base accumulator (no second tile, no mask).
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -121,11 +121,16 @@ def _gemm_lora_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         q = tl.load(q_ptr + offs_k[:, None] * stride_qk + offs_n[None, :] * stride_qn,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = _mma(p, q, acc, CT_BASE, PRECISION)
+        acc = _mma(p, q, acc, CT, PRECISION)
     if has_bias != 0:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The LoRA term accumulates straight into acc; only with dropout does it need a tile of its own
+    # (the mask applies to it alone), which is why dropout is a compile-time variant.
+    if HAS_DROPOUT:
+        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        lora = acc
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
@@ -133,11 +138,12 @@ def _gemm_lora_kernel(
                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         e = tl.load(e_ptr + offs_r[:, None] * stride_er + offs_n[None, :] * stride_en,
                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        lora = _mma(l * lora_scale, e, lora, CT_LORA, PRECISION)
-    if drop_threshold > 0:
+        lora = _mma(l * lora_scale, e, lora, CT, PRECISION)
+    if HAS_DROPOUT:
         keep = _keep_mask(seed, drop_threshold, offs_m, pid_n.to(tl.int64) * BLOCK_N, N, BLOCK_M, BLOCK_N)
-        lora = tl.where(keep, lora * keep_scale, 0.0)
-    acc += lora
+        acc += tl.where(keep, lora * keep_scale, 0.0)
+    else:
+        acc = lora
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -146,8 +152,8 @@ def _gemm_lora_kernel(
 def _lora_bwd_ds_db_kernel(
     g_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, M, N, R,
     stride_gm, stride_gn, stride_bn, stride_br, stride_sm, stride_dsm, stride_dbn,
-    scaling,
-    COMPUTE_DB: tl.constexpr, CT: tl.constexpr, PRECISION: tl.constexpr,
+    scaling, compute_db,
+    CT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """One pass over G [M, out]: dS[M, R] = s · G B (stored), dB[out, R] += s · Gᵀ S (float32 atomics).
@@ -161,9 +167,8 @@ def _lora_bwd_ds_db_kernel(
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
     mask_r = offs_r < R
-    if COMPUTE_DB:
-        s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :],
-                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :],
+                mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     num_n = tl.cdiv(N, BLOCK_N)
     for i in range(0, num_n):
@@ -175,7 +180,7 @@ def _lora_bwd_ds_db_kernel(
         b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
                     mask=mask_n[:, None] & mask_r[None, :], other=0.0)
         ds = _mma(g, b, ds, CT, PRECISION)
-        if COMPUTE_DB:
+        if compute_db != 0:
             db = _mma(tl.trans(g), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), CT, PRECISION)
             tl.atomic_add(db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :], db * scaling,
                           mask=mask_n[:, None] & mask_r[None, :])
@@ -225,24 +230,32 @@ def _lora_bwd_da_kernel(
 # that each compiles for sm_80 and sm_90 without register spills (tests/test_aot.py checks both).
 # --------------------------------------------------------------------------------------------------
 
-# GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), by M and the activation dtype.
+# GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) by (M class, activation bytes,
+# dropout in the epilogue). The dropout mask costs registers (one Philox state per 4 outputs), so tiles
+# whose epilogue applies it are smaller.
 _GEMM_CONFIGS = {
     # M <= 16 (decode): a GEMV streaming W0 once; narrow N tiles give >= 128 programs for 4096 columns.
-    ("small", 2): (16, 32, 256, 1, 4, 4),
-    ("medium", 2): (64, 64, 128, 8, 4, 3),
-    ("large", 2): (128, 128, 64, 8, 8, 3),
+    ("small", 2, False): (16, 32, 256, 1, 4, 4),
+    ("small", 2, True): (16, 32, 256, 1, 4, 4),
+    ("medium", 2, False): (64, 64, 64, 8, 4, 3),
+    ("medium", 2, True): (64, 64, 64, 8, 4, 3),
+    ("large", 2, False): (128, 128, 64, 8, 8, 3),
+    ("large", 2, True): (128, 64, 64, 8, 8, 3),
     # float32 activations: exact fp32 dots run on FMA units, whose operands live in registers.
-    ("small", 4): (16, 32, 64, 1, 4, 3),
-    ("medium", 4): (32, 64, 32, 8, 4, 3),
-    ("large", 4): (64, 64, 32, 8, 4, 3),
+    ("small", 4, False): (16, 32, 64, 1, 4, 3),
+    ("small", 4, True): (16, 32, 64, 1, 4, 3),
+    ("medium", 4, False): (32, 64, 32, 8, 4, 3),
+    ("medium", 4, True): (32, 64, 32, 8, 4, 3),
+    ("large", 4, False): (64, 64, 32, 8, 4, 3),
+    ("large", 4, True): (64, 32, 32, 8, 4, 3),
 }
 _EPILOGUE_BLOCK_R = 16  # the GEMM epilogue walks the rank in chunks of 16 (tl.dot's minimum)
 _TARGET_PROGRAMS = 264  # ~2 waves on a 132-SM H100: split-K / split-M aim here for small problems
 
 
-def _gemm_config(M: int, elem_size: int):
+def _gemm_config(M: int, elem_size: int, dropout: bool):
     size = "small" if M <= 16 else "medium" if M <= 64 else "large"
-    return _GEMM_CONFIGS[(size, elem_size)]
+    return _GEMM_CONFIGS[(size, elem_size, dropout)]
 
 
 def _block_r(R: int) -> int:
@@ -250,8 +263,13 @@ def _block_r(R: int) -> int:
     return 16 if R <= 16 else 64
 
 
-def _shrink_blocks(M: int, elem_size: int):
-    return (16 if M <= 16 else 64), (128 if elem_size == 2 else 32)
+def _shrink_blocks(M: int, elem_size: int, R: int):
+    """(BLOCK_M, BLOCK_K) of the shrink and dA kernels: x tiles whose mask and dot fit in registers."""
+    if M <= 16:
+        return 16, (128 if elem_size == 2 else 64)
+    if elem_size == 2:
+        return 64, (64 if R <= 16 else 32)
+    return 32, 32
 
 
 def _tl_dot_type(dtype: torch.dtype):
@@ -290,15 +308,23 @@ def _alloc(shape, dtype, device, zero=False):
 
 def shrink_split_k(M: int, K: int, R: int, x_elem_size: int) -> int:
     """Split the K reduction when there are too few row-blocks to occupy the GPU (decode sizes)."""
-    block_m, block_k = _shrink_blocks(M, x_elem_size)
+    block_m, block_k = _shrink_blocks(M, x_elem_size, R)
     programs = triton.cdiv(M, block_m) * triton.cdiv(R, _block_r(R))
     return max(1, min(triton.cdiv(K, block_k), _TARGET_PROGRAMS // max(programs, 1)))
 
 
-def da_split_m(M: int, K: int, R: int) -> int:
+def _da_blocks(elem_size: int, R: int):
+    """(BLOCK_M, BLOCK_K) of the dA kernel."""
+    if elem_size == 2:
+        return 64, (64 if R <= 16 else 32)
+    return 32, 32
+
+
+def da_split_m(M: int, K: int, R: int, x_elem_size: int) -> int:
     """Split the M reduction of dA = dSᵀ x̂ so that the few column blocks still fill the GPU."""
-    programs = triton.cdiv(K, 64) * triton.cdiv(R, _block_r(R))
-    return max(1, min(triton.cdiv(M, 64), _TARGET_PROGRAMS // max(programs, 1)))
+    block_m, block_k = _da_blocks(x_elem_size, R)
+    programs = triton.cdiv(K, block_k) * triton.cdiv(R, _block_r(R))
+    return max(1, min(triton.cdiv(M, block_m), _TARGET_PROGRAMS // max(programs, 1)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,7 +336,7 @@ def _shrink_launch(x, A, S, dropout_p, seed, split_k: int) -> Launch:
     R = A.shape[0]
     seed, thr, keep_scale = _dropout_args(dropout_p, seed)
     _, ct, precision = _compute_types(x.dtype, A.dtype)
-    block_m, block_k = _shrink_blocks(M, x.element_size())
+    block_m, block_k = _shrink_blocks(M, x.element_size(), R)
     block_r = _block_r(R)
     return Launch(
         _lora_shrink_kernel, (triton.cdiv(M, block_m), triton.cdiv(R, block_r), split_k),
@@ -327,8 +353,10 @@ def _gemm_launch(P, Q_kn, bias, L, E_rn, out, lora_scale, dropout_p, seed, lora_
     N = out.shape[1]
     R = L.shape[1]
     seed, thr, keep_scale = _dropout_args(dropout_p, seed)
-    ct_base, ct_lora, precision = _compute_types(P.dtype, lora_dtype)
-    bm, bn, bk, group_m, warps, stages = _gemm_config(M, P.element_size())
+    # The epilogue's LoRA dot runs in the output's own type (y and dx are stored in x's dtype anyway);
+    # tf32 operands for fp32 adapters cost registers that spill the 128x128 tile on sm_90.
+    ct, _, precision = _compute_types(P.dtype, lora_dtype)
+    bm, bn, bk, group_m, warps, stages = _gemm_config(M, P.element_size(), dropout=thr > 0)
     return Launch(
         _gemm_lora_kernel, (triton.cdiv(M, bm) * triton.cdiv(N, bn),),
         dict(p_ptr=P, q_ptr=Q_kn, bias_ptr=bias if bias is not None else out, l_ptr=L, e_ptr=E_rn, out_ptr=out,
@@ -337,8 +365,8 @@ def _gemm_launch(P, Q_kn, bias, L, E_rn, out, lora_scale, dropout_p, seed, lora_
              stride_er=E_rn.stride(0), stride_en=E_rn.stride(1), stride_om=out.stride(0),
              stride_on=out.stride(1), has_bias=int(bias is not None), lora_scale=float(lora_scale), seed=seed,
              drop_threshold=thr, keep_scale=keep_scale),
-        dict(CT_BASE=ct_base, CT_LORA=ct_lora, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-             BLOCK_R=_EPILOGUE_BLOCK_R, GROUP_M=group_m),
+        dict(HAS_DROPOUT=thr > 0, CT=ct, PRECISION=precision, BLOCK_M=bm,
+             BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=_EPILOGUE_BLOCK_R, GROUP_M=group_m),
         num_warps=warps, num_stages=stages)
 
 
@@ -355,14 +383,16 @@ def _ds_db_launch(G, B, S, dS, dB_ws, scaling, compute_db: bool) -> Launch:
     R = B.shape[1]
     _, ct, precision = _compute_types(G.dtype, B.dtype)
     block_r = _block_r(R)
-    block_m, block_n = 32, 64
+    # dS, the dB partial and S share the registers: smaller tiles for wide ranks and fp32 (FMA) dots.
+    block_m = 16 if (block_r == 64 and G.element_size() == 4) else 32
+    block_n = 64 if (block_r == 16 and G.element_size() == 2) else 32
     return Launch(
         _lora_bwd_ds_db_kernel, (triton.cdiv(M, block_m), triton.cdiv(R, block_r)),
         dict(g_ptr=G, b_ptr=B, s_ptr=S, ds_ptr=dS, db_ptr=dB_ws, M=M, N=N, R=R,
              stride_gm=G.stride(0), stride_gn=G.stride(1), stride_bn=B.stride(0), stride_br=B.stride(1),
-             stride_sm=S.stride(0), stride_dsm=dS.stride(0), stride_dbn=dB_ws.stride(0), scaling=float(scaling)),
-        dict(COMPUTE_DB=compute_db, CT=ct, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
-             BLOCK_R=block_r),
+             stride_sm=S.stride(0), stride_dsm=dS.stride(0), stride_dbn=dB_ws.stride(0), scaling=float(scaling),
+             compute_db=int(compute_db)),
+        dict(CT=ct, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r),
         num_warps=4, num_stages=3)
 
 
@@ -372,12 +402,13 @@ def _da_launch(dS, x, dA_ws, lora_dtype, dropout_p, seed, split_m: int) -> Launc
     seed, thr, keep_scale = _dropout_args(dropout_p, seed)
     _, ct, precision = _compute_types(x.dtype, lora_dtype)
     block_r = _block_r(R)
+    block_m, block_k = _da_blocks(x.element_size(), R)
     return Launch(
-        _lora_bwd_da_kernel, (triton.cdiv(K, 64), triton.cdiv(R, block_r), split_m),
+        _lora_bwd_da_kernel, (triton.cdiv(K, block_k), triton.cdiv(R, block_r), split_m),
         dict(ds_ptr=dS, x_ptr=x, da_ptr=dA_ws, M=M, K=K, R=R, stride_dsm=dS.stride(0),
              stride_xm=x.stride(0), stride_xk=x.stride(1), stride_dar=dA_ws.stride(0),
              seed=seed, drop_threshold=thr, keep_scale=keep_scale, split_m=split_m),
-        dict(CT=ct, PRECISION=precision, BLOCK_M=64, BLOCK_K=64, BLOCK_R=block_r),
+        dict(CT=ct, PRECISION=precision, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r),
         num_warps=4, num_stages=3)
 
 
@@ -417,7 +448,7 @@ def lora_linear_bwd_triton(dy, x, weight, A, B, S, scaling, dropout_p, seed, nee
     # dB accumulates atomically over row-blocks; unused, it is a 1-element stand-in the kernel never touches.
     dB_ws = _alloc((N, R) if need_dB else (1, 1), torch.float32, x.device, zero=True)
     dx = _alloc((M, K), x.dtype, x.device) if need_dx else None
-    split_m = da_split_m(M, K, R)
+    split_m = da_split_m(M, K, R, x.element_size())
     dA_ws = _alloc((R, K), torch.float32, x.device, zero=split_m > 1) if need_dA else None
     for launch in plan_bwd(G, x, weight, A, B, S, dS, dx, dA_ws, dB_ws, scaling, dropout_p, seed, split_m,
                            need_dx, need_dA, need_dB):
@@ -440,11 +471,11 @@ def aot_launches():
                     B = torch.empty(N, R, dtype=lora_dtype, **meta)
                     S = torch.empty(M, R, dtype=torch.float32, **meta)
                     y = torch.empty(M, N, dtype=x_dtype, **meta)
-                    seed = SEED_LOW + 12345
-                    launches = plan_fwd(x, W, None, A, B, S, y, 2.0, 0.1, seed, 2)
-                    for need_db in (False, True):
+                    launches = []
+                    for seed in (None, SEED_LOW + 12345):  # without / with dropout
+                        launches += plan_fwd(x, W, None, A, B, S, y, 2.0, 0.1, seed, 2)
                         launches += plan_bwd(y, x, W, A, B, S, S, x, A.float(), B.float(), 2.0, 0.1, seed, 2,
-                                             True, True, need_db)
+                                             True, True, True)
                     for launch in launches:
                         key = (launch.describe(), tuple(sorted(launch.signature().items())))
                         if key not in seen:

@@ -1,0 +1,448 @@
+"""Run PEFT models on the fused op, in place: `patch_peft(model)` / `unpatch_peft(model)`.
+
+Every eligible PEFT ``lora.Linear`` keeps its parameters, buffers, hooks and attributes; only its class is
+swapped to `FusedLoraLinear`, a subclass that overrides ``forward``. So ``state_dict``, ``save_pretrained``,
+``merge_and_unload``, ``set_adapter``, ``disable_adapter()`` and the rest of PEFT's API work unchanged, and
+``unpatch_peft`` restores the original class exactly.
+
+With one active adapter ``a`` a patched layer computes, in one registered op
+(``torch.ops.lora_kernels.lora_linear_fwd`` / ``_bwd``):
+
+    y = x W0ᵀ + b + scaling[a] · (dropout(x) A[a]ᵀ) B[a]ᵀ
+    x: [..., in], W0: [out, in], b: [out] | None, A[a]: [r, in], B[a]: [out, r], y: [..., out]
+
+PEFT's state is read at every call: disabled adapters and merged adapters give ``base_layer(x)`` (exactly as
+PEFT does); ``set_adapter`` and ``scaling`` changes take effect at once. A call the fused op does not cover
+(several active adapters, a DoRA / lora_bias / variant adapter added after patching, a base weight that
+requires grad, extra forward arguments) runs PEFT's own forward and is logged once per reason.
+
+Mixed batches (``model(..., adapter_names=[...])``, one adapter per sample, inference) run one
+``torch.ops.lora_kernels.multi_lora_linear`` call per layer (grouped shrink/expand over all adapters of the
+batch, same math as PEFT's per-adapter loop) when autograd is off (``torch.no_grad()``, as ``generate``
+runs); otherwise, or with training-mode dropout, they run PEFT's ``_mixed_batch_forward`` (logged).
+
+Dropout: with ``p > 0`` in training the op draws a seed from torch's CPU generator and regenerates the mask
+from it (`lora_kernels.dropout_mask`), so the mask differs from the one ``nn.Dropout`` would draw.
+
+Autocast: the base GEMM runs in the autocast dtype, as PEFT's would; the LoRA path keeps the adapters' dtype
+(float32 by PEFT's default) with float32 accumulation.
+
+Patch before wrapping: DDP, FSDP2 ``fully_shard`` (on decoder blocks or the whole model) and
+``torch.compile`` all work on a patched model; a layer wrapped before patching (``fully_shard`` on the
+``lora.Linear`` itself, accelerate hooks) is reported as skipped.
+
+PEFT is imported lazily, so ``import lora_kernels`` stays fast and works without PEFT installed.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from lora_kernels.backends import resolve_backend
+from lora_kernels.ops.lora_linear import lora_linear
+
+logger = logging.getLogger("lora_kernels.peft")
+
+_BACKEND_ATTR = "_lora_kernels_backend"  # per-layer backend (None = fastest for the device)
+_LOGGED_FALLBACKS: set[str] = set()     # runtime fallback reasons already logged (log once per reason)
+
+
+_LORA = None  # peft.tuners.lora, imported on first use
+
+
+def _peft_lora():
+    global _LORA
+    if _LORA is None:
+        try:
+            from peft.tuners import lora
+        except ImportError as e:
+            raise ImportError("patch_peft needs the `peft` package: pip install 'lora_kernels[peft]'") from e
+        _LORA = lora
+    return _LORA
+
+
+@dataclass
+class PatchReport:
+    """What `patch_peft` did.
+
+    patched: number of LoRA layers that now run the fused op.
+    skipped: qualified module name -> why the layer keeps PEFT's forward.
+    patched_layers: qualified names of the patched layers.
+    """
+    patched: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
+    patched_layers: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"lora_kernels: {self.patched} LoRA layer(s) fused, {len(self.skipped)} kept on PEFT's forward"]
+        for reason, names in _group_by_reason(self.skipped).items():
+            lines.append(f"  {len(names)} x {reason}: {_abbrev(names)}")
+        return "\n".join(lines)
+
+
+def _group_by_reason(skipped: dict[str, str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for name, reason in skipped.items():
+        groups.setdefault(reason, []).append(name)
+    return groups
+
+
+def _abbrev(names: list[str], k: int = 3) -> str:
+    return ", ".join(names[:k]) + (f", ... (+{len(names) - k})" if len(names) > k else "")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Eligibility. Static reasons depend on the layer (checked at patch time and by the custom-module factory);
+# adapter reasons depend on one adapter's configuration (checked at patch time and at every call).
+# ----------------------------------------------------------------------------------------------------
+
+def _static_reason(layer: nn.Module) -> str:
+    base = layer.base_layer
+    if type(base) is not nn.Linear:  # quantised / custom linears subclass nn.Linear: exact type on purpose
+        return f"base layer is {type(base).__name__}, not a plain nn.Linear"
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True is not supported"
+    if base._forward_hooks or base._forward_pre_hooks or getattr(base, "_hf_hook", None) is not None:
+        return "base layer has forward hooks (e.g. accelerate offload, fully_shard on the nn.Linear), " \
+               "which the fused op would bypass"
+    return ""
+
+
+def _adapter_reason(layer: nn.Module, name: str) -> str:
+    if getattr(layer, "use_dora", {}).get(name, False):
+        return "DoRA (use_dora=True) is not supported"
+    if getattr(layer, "lora_bias", {}).get(name, False):
+        return "lora_bias=True is not supported"
+    if name in getattr(layer, "lora_variant", {}):
+        return f"LoRA variant {type(layer.lora_variant[name]).__name__} is not supported"
+    if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
+        return f"lora_dropout is {type(layer.lora_dropout[name]).__name__}"
+    for sub in (layer.lora_A[name], layer.lora_B[name]):
+        if type(sub) is not nn.Linear or sub.bias is not None:
+            return f"lora_A/lora_B of adapter {name!r} are not bias-free nn.Linear"
+        if sub._forward_hooks or sub._forward_pre_hooks or getattr(sub, "_hf_hook", None) is not None:
+            return f"lora_A/lora_B of adapter {name!r} have forward hooks, which the fused op would bypass"
+    return ""
+
+
+def _patch_reason(layer: nn.Module) -> str:
+    """Why `patch_peft` leaves this PEFT LoRA layer on PEFT's forward ("" = patch it)."""
+    lora = _peft_lora()
+    if not isinstance(layer, lora.Linear):
+        return f"{type(layer).__name__} LoRA layers are not fused (only lora.Linear)"
+    if type(layer) not in (lora.Linear, _fused_class()):
+        return f"{type(layer).__name__} (a subclass of lora.Linear, e.g. wrapped by fully_shard before " \
+               "patching) is not fused"
+    for m, what in ((layer, "the layer"), (layer.base_layer, "its base layer")):
+        if "forward" in m.__dict__:  # e.g. accelerate's add_hook_to_module: our class forward would not run
+            return f"{what} has an instance-level forward override (e.g. accelerate hooks)"
+    reason = _static_reason(layer)
+    if reason:
+        return reason
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) > 1:
+        return f"several active adapters at once ({active}) are not supported"
+    return _adapter_reason(layer, active[0]) if active else ""
+
+
+# ----------------------------------------------------------------------------------------------------
+# The fused forward. Everything on the common path is a cheap attribute / dict read, so torch.compile
+# traces it into guards and the op call, with no graph break.
+# ----------------------------------------------------------------------------------------------------
+
+def _fallback_forward(layer: nn.Module, reason: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if reason not in _LOGGED_FALLBACKS:
+        _LOGGED_FALLBACKS.add(reason)
+        logger.warning("lora_kernels: running PEFT's own lora.Linear forward because %s "
+                       "(logged once per reason)", reason)
+    return _LORA.Linear.forward(layer, x, *args, **kwargs)
+
+
+def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    lora = _LORA  # imported by _fused_class before any instance exists
+    if args or any(k != "adapter_names" for k in kwargs):
+        return _fallback_forward(self, "the call passes extra forward arguments "
+                                 f"({len(args)} positional, keywords {sorted(kwargs)})", x, *args, **kwargs)
+    adapter_names = kwargs.get("adapter_names")
+    if self.disable_adapters or (self.merged and adapter_names is None):
+        # PEFT's own branch: base_layer(x) (unmerging first when disabled); no LoRA math to fuse.
+        return lora.Linear.forward(self, x, **kwargs)
+    if adapter_names is not None:
+        return _mixed_batch_forward(self, x, adapter_names)
+    base = self.base_layer
+    reason = _static_reason(self)
+    if reason:
+        return _fallback_forward(self, reason, x)
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    if not active:
+        return base(x)  # PEFT skips active adapters this layer does not have
+    if len(active) > 1:
+        return _fallback_forward(self, "several active adapters at once are not supported", x)
+    name = active[0]
+    reason = _adapter_reason(self, name)
+    if reason:
+        return _fallback_forward(self, reason, x)
+    weight, bias = base.weight, base.bias
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return _fallback_forward(self, "the base layer's weight/bias requires grad (the fused op computes no "
+                                 "gradient for them)", x)
+    A, B = self.lora_A[name].weight, self.lora_B[name].weight
+    drop = self.lora_dropout[name]
+    p = drop.p if isinstance(drop, nn.Dropout) else 0.0
+    backend = getattr(self, _BACKEND_ATTR, None)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        # What autocast does to PEFT's layer: base GEMM in the autocast dtype. The LoRA path stays in the
+        # adapter's dtype (float32 by PEFT's default), which the op accumulates in float32 anyway.
+        dt = torch.get_autocast_dtype(dev)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+        if A.dtype not in (dt, torch.float32):
+            A, B = A.to(dt), B.to(dt)
+        with torch.autocast(dev, enabled=False):
+            return lora_linear(x, weight, bias, A, B, self.scaling[name], p, drop.training, backend=backend)
+    if x.dtype != weight.dtype:
+        return _fallback_forward(self, f"input dtype {x.dtype} differs from the base weight dtype "
+                                 f"{weight.dtype} outside autocast", x)
+    if A.dtype not in (x.dtype, torch.float32) and resolve_backend(backend, x.device) != "torch":
+        return _fallback_forward(self, f"the Triton / native kernels need adapter weights in the input dtype "
+                                 f"({x.dtype}) or float32, got {A.dtype}", x)
+    return lora_linear(x, weight, bias, A, B, self.scaling[name], p, drop.training, backend=backend)
+
+
+def _multi_lora_ops():
+    """`lora_kernels.ops.multi_lora` if it is present with the ops we call, else None."""
+    try:
+        from lora_kernels.ops import multi_lora
+    except ImportError:
+        return None
+    ok = all(hasattr(multi_lora, n) for n in ("LoRABatch", "multi_lora_linear"))
+    return multi_lora if ok else None
+
+
+_STACK_CACHE_ATTR = "_lora_kernels_stacks"  # (key, A_stack, B_stack, scalings, ranks) of the last mixed batch
+
+
+def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+    """PEFT's mixed batch (sample b uses adapter ``adapter_names[b]``; "__base__" or an adapter this layer
+    lacks = no LoRA) as one `multi_lora_linear` call over slots = this layer's adapters in the batch:
+
+        y[t] = x[t] W0ᵀ + b + scaling[l] · (x[t] A[l]ᵀ) B[l]ᵀ,   l = slot of t's sample
+
+    Adapters of different ranks are zero-padded to the largest rank R and masked with ``ranks``.
+    """
+    self._check_forward_args(x, adapter_names=adapter_names)  # PEFT's own argument checks and errors
+    ops = _multi_lora_ops()
+    if ops is None:
+        return _fallback_forward(self, "mixed-batch adapter_names needs lora_kernels.ops.multi_lora, "
+                                 "which is not available", x, adapter_names=adapter_names)
+    reason = _static_reason(self)
+    slots: list[str] = []
+    for a in adapter_names:
+        if a in self.lora_A and a not in slots:
+            slots.append(a)
+    for a in slots:
+        if reason:
+            break
+        reason = _adapter_reason(self, a)
+        drop = self.lora_dropout[a]
+        if not reason and isinstance(drop, nn.Dropout) and drop.training and drop.p > 0:
+            reason = "mixed-batch adapter_names in training mode with lora_dropout > 0"
+    A_params = [self.lora_A[a].weight for a in slots]
+    B_params = [self.lora_B[a].weight for a in slots]
+    if not reason and torch.is_grad_enabled() and any(p.requires_grad for p in A_params + B_params):
+        reason = ("mixed-batch adapter_names with autograd enabled (the multi-adapter ops are inference-only; "
+                  "run under torch.no_grad() / torch.inference_mode(), as generate() does)")
+    weight, bias = self.base_layer.weight, self.base_layer.bias
+    if not reason and x.dtype != weight.dtype:
+        reason = f"input dtype {x.dtype} differs from the base weight dtype {weight.dtype}"
+    if not reason and torch.is_autocast_enabled(x.device.type):
+        reason = "mixed-batch adapter_names under autocast"
+    if reason:
+        return _fallback_forward(self, reason, x, adapter_names=adapter_names)
+    if not slots:
+        return self.base_layer(x)
+
+    backend = resolve_backend(getattr(self, _BACKEND_ATTR, None), x.device)
+    # "triton"/"native" take stacks in x's dtype; "torch" keeps the adapters' dtype, as PEFT computes.
+    dtype = x.dtype if backend != "torch" else A_params[0].dtype
+    A_stack, B_stack, scalings, ranks = _stacks(self, slots, A_params, B_params, dtype)
+    index = {a: i for i, a in enumerate(slots)}
+    seq_slots = [index.get(a, -1) for a in adapter_names]
+    tokens_per_sample = x[0].numel() // x.shape[-1] if x.dim() > 1 and x.shape[0] > 0 else 1
+    batch = ops.LoRABatch.from_sequences(torch.tensor(seq_slots, dtype=torch.int32, device=x.device),
+                                         tokens_per_sample, len(slots))
+    return ops.multi_lora_linear(x, weight, bias, A_stack, B_stack, scalings, batch, ranks=ranks,
+                                 backend=backend)
+
+
+@torch.no_grad()
+def _stacks(self, slots, A_params, B_params, dtype):
+    """Zero-padded [L, R, in] / [L, out, R] stacks of the slot adapters, cached until a weight changes."""
+    scal = tuple(float(self.scaling[a]) for a in slots)
+    key = (tuple(slots), dtype, scal,
+           tuple((p.data_ptr(), p._version) for p in A_params + B_params))
+    cached = self.__dict__.get(_STACK_CACHE_ATTR)
+    if cached is not None and cached[0] == key:
+        return cached[1:]
+    L, R = len(slots), max(p.shape[0] for p in A_params)
+    A0 = A_params[0]
+    A_stack = A0.new_zeros(L, R, self.in_features, dtype=dtype)
+    B_stack = A0.new_zeros(L, self.out_features, R, dtype=dtype)
+    for l, (A, B) in enumerate(zip(A_params, B_params)):
+        A_stack[l, :A.shape[0]] = A
+        B_stack[l, :, :A.shape[0]] = B
+    scalings = torch.tensor(scal, dtype=torch.float32, device=A0.device)
+    ranks = torch.tensor([p.shape[0] for p in A_params], dtype=torch.int32, device=A0.device)
+    self.__dict__[_STACK_CACHE_ATTR] = (key, A_stack, B_stack, scalings, ranks)
+    return A_stack, B_stack, scalings, ranks
+
+
+def _fused_class():
+    """`FusedLoraLinear`, created on first use so that importing lora_kernels does not import PEFT."""
+    global _FUSED_CLS
+    if _FUSED_CLS is None:
+        lora = _peft_lora()
+
+        class FusedLoraLinear(lora.Linear):
+            """PEFT's ``lora.Linear`` with a fused forward (see `lora_kernels.peft_patch`).
+
+            Same ``__init__``, parameters and methods as ``lora.Linear``; only ``forward`` differs.
+            """
+            forward = _fused_forward
+
+            def __repr__(self) -> str:
+                return "lora_kernels." + nn.Module.__repr__(self)
+
+        # Picklable as lora_kernels.peft_patch.FusedLoraLinear (resolved by the module __getattr__ below).
+        FusedLoraLinear.__module__, FusedLoraLinear.__qualname__ = __name__, "FusedLoraLinear"
+        _FUSED_CLS = FusedLoraLinear
+    return _FUSED_CLS
+
+
+_FUSED_CLS = None
+
+
+def __getattr__(name: str):  # PEP 562: `lora_kernels.peft_patch.FusedLoraLinear` builds the class lazily
+    if name == "FusedLoraLinear":
+        return _fused_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------
+
+def _lora_layers(model: nn.Module):
+    lora = _peft_lora()
+    for name, module in model.named_modules():
+        if isinstance(module, lora.LoraLayer):
+            yield name, module
+
+
+def patch_peft(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
+    """Make every eligible PEFT ``lora.Linear`` in `model` run the fused op, in place.
+
+    Args:
+        model: a ``PeftModel`` or any module with PEFT LoRA layers injected.
+        backend: None (fastest for the tensors' device), "torch", "triton" or "native"; stored per layer.
+
+    Returns a `PatchReport`; skipped layers (DoRA, several active adapters, fan_in_fan_out, lora_bias,
+    quantised or hooked base layers, non-Linear LoRA layers) keep PEFT's forward and are logged once.
+    Calling it again re-patches (e.g. after adding adapters) and updates the backend. Patch before wrapping
+    the model (DDP, ``fully_shard``, ``torch.compile``).
+    """
+    if backend is not None:
+        from lora_kernels.backends import BACKENDS
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    fused = _fused_class()
+    lora = _peft_lora()
+    report = PatchReport()
+    for name, module in _lora_layers(model):
+        reason = _patch_reason(module)
+        if reason:
+            if type(module) is fused:  # its configuration changed since it was patched
+                module.__class__ = lora.Linear
+                module.__dict__.pop(_BACKEND_ATTR, None)
+                module.__dict__.pop(_STACK_CACHE_ATTR, None)
+            report.skipped[name] = reason
+            continue
+        module.__class__ = fused
+        setattr(module, _BACKEND_ATTR, backend)
+        report.patched += 1
+        report.patched_layers.append(name)
+    if report.skipped:
+        logger.warning("%s", report)
+    else:
+        logger.info("lora_kernels: %d LoRA layer(s) fused", report.patched)
+    return report
+
+
+def unpatch_peft(model: nn.Module) -> int:
+    """Give every fused layer in `model` back PEFT's ``lora.Linear`` class. Returns how many were restored."""
+    if _FUSED_CLS is None:
+        return 0
+    lora = _peft_lora()
+    n = 0
+    for _, module in _lora_layers(model):
+        if type(module) is _FUSED_CLS:
+            module.__class__ = lora.Linear
+            module.__dict__.pop(_BACKEND_ATTR, None)
+            module.__dict__.pop(_STACK_CACHE_ATTR, None)
+            n += 1
+    return n
+
+
+class _FusedLoraDispatch:
+    """Value for ``LoraConfig._register_custom_module({nn.Linear: ...})``: PEFT calls it as a layer class.
+
+    Builds a `FusedLoraLinear` for a plain ``nn.Linear`` target and returns None otherwise, so PEFT's own
+    dispatchers (bitsandbytes, GPTQ, ``fan_in_fan_out`` Conv1D, ...) handle the layers we do not fuse.
+    """
+
+    def __init__(self, backend: Optional[str]):
+        self.backend = backend
+
+    def __call__(self, target: nn.Module, adapter_name: str, config: Any = None, **kwargs: Any):
+        base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+        if type(base) is not nn.Linear or getattr(config, "fan_in_fan_out", False):
+            return None
+        if getattr(config, "use_dora", False) or getattr(config, "lora_bias", False):
+            return None
+        module = _fused_class()(target, adapter_name, config=config, **kwargs)
+        setattr(module, _BACKEND_ATTR, self.backend)
+        return module
+
+
+def register_fused_lora(config: Any, backend: Optional[str] = None) -> Any:
+    """Have ``get_peft_model(model, config)`` create fused layers directly (no `patch_peft` call needed).
+
+    Uses PEFT's experimental ``LoraConfig._register_custom_module`` hook (present in the PEFT versions this
+    package is tested with, see the README). The registration lives on the config object only; it is not
+    saved with ``save_pretrained``, so an adapter loaded later with ``PeftModel.from_pretrained`` needs
+    `patch_peft`. Returns `config`.
+    """
+    if not hasattr(config, "_register_custom_module"):
+        import peft
+        raise RuntimeError(f"peft {peft.__version__} has no LoraConfig._register_custom_module; "
+                           "use patch_peft(model) after get_peft_model instead")
+    config._register_custom_module({nn.Linear: _FusedLoraDispatch(backend)})
+    return config
+
+
+def get_fused_peft_model(model: nn.Module, config: Any, backend: Optional[str] = None, **kwargs: Any):
+    """``peft.get_peft_model(model, config, **kwargs)`` with fused layers created directly.
+
+    Layers PEFT creates through its own dispatchers (not plain ``nn.Linear``) keep PEFT's forward; the
+    returned model's ``lora_kernels_report`` attribute says which (same `PatchReport` as `patch_peft`).
+    """
+    from peft import get_peft_model
+    peft_model = get_peft_model(model, register_fused_lora(config, backend), **kwargs)
+    # Registration covers creation; patch_peft then reports (and fuses anything created another way).
+    peft_model.lora_kernels_report = patch_peft(peft_model, backend=backend)
+    return peft_model
