@@ -246,7 +246,7 @@ _GEMM_CONFIGS = {
     ("small", 4, True): (16, 32, 64, 1, 4, 3),
     ("medium", 4, False): (32, 64, 32, 8, 4, 3),
     ("medium", 4, True): (32, 64, 32, 8, 4, 3),
-    ("large", 4, False): (64, 64, 32, 8, 4, 3),
+    ("large", 4, False): (32, 64, 32, 8, 4, 3),
     ("large", 4, True): (64, 32, 32, 8, 4, 3),
 }
 _EPILOGUE_BLOCK_R = 16  # the GEMM epilogue walks the rank in chunks of 16 (tl.dot's minimum)
@@ -264,12 +264,12 @@ def _block_r(R: int) -> int:
 
 
 def _shrink_blocks(M: int, elem_size: int, R: int):
-    """(BLOCK_M, BLOCK_K) of the shrink and dA kernels: x tiles whose mask and dot fit in registers."""
+    """(BLOCK_M, BLOCK_K) of the shrink kernel: x tiles whose dropout mask and dot fit in registers."""
     if M <= 16:
         return 16, (128 if elem_size == 2 else 64)
     if elem_size == 2:
         return 64, (64 if R <= 16 else 32)
-    return 32, 32
+    return (32 if R <= 16 else 16), 32
 
 
 def _tl_dot_type(dtype: torch.dtype):
