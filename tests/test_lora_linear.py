@@ -111,7 +111,7 @@ def test_reference_matches_autograd(bias, dropout_p):
 # Every backend vs. the reference
 # ---------------------------------------------------------------------------------------------------
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "native"]
 DEVICES = ["cpu", cuda_param()]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 dtype_id = lambda d: str(d).replace("torch.", "")
