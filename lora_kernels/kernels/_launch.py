@@ -60,13 +60,35 @@ class Launch:
         return f"{kname}[{meta},warps={self.num_warps},stages={self.num_stages}]"
 
 
+def _jit_specialization(launch: Launch):
+    """(signature, constexprs, attrs) as Triton's JIT would specialize this launch: ints equal to 1 become
+    constants, 16-divisible ints and 16-byte-aligned pointers get `tt.divisibility` (vectorised loads).
+    Meta tensors report address 0, i.e. aligned like a fresh CUDA allocation; a launch on an unaligned
+    view or odd strides compiles a less specialized variant, which this check does not cover."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    sig, consts, attrs = launch.signature(), dict(launch.constexprs), {}
+    params = {p.name: p for p in launch.kernel.params}
+    for name, v in launch.args.items():
+        p = params[name]
+        if isinstance(v, (bool, float)) or p.do_not_specialize:
+            continue
+        kind, spec = native_specialize_impl(BaseBackend, v, False, True, not p.do_not_specialize_on_alignment)
+        if kind == "constexpr":
+            sig[name], consts[name] = "constexpr", spec
+        elif spec == "D":
+            attrs[(p.num,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
 def aot_compile(launch: Launch, cc: int):
     """Compile `launch` for an NVIDIA GPU of compute capability `cc` (80, 90), no GPU needed."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(launch.kernel, launch.signature(), dict(launch.constexprs))
+    src = ASTSource(launch.kernel, *_jit_specialization(launch))
     return triton.compile(src, target=GPUTarget("cuda", cc, 32),
                           options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
 

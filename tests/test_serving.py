@@ -1,0 +1,214 @@
+"""MultiLoRAModel vs. PEFT on a tiny random-init Llama with three real PEFT adapters saved to disk:
+mixed-batch logits and greedy generation, eviction / reload / unload, and failed loads that must leave the
+slots untouched."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="MultiLoRAModel tests need `transformers`")
+peft = pytest.importorskip("peft", reason="MultiLoRAModel tests need `peft`")
+
+from lora_kernels.backends import available_backends  # noqa: E402
+from lora_kernels.serving import AdapterError, MultiLoRAModel  # noqa: E402
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Three adapters: different ranks and targets, rsLoRA, rank/alpha patterns, safetensors and .bin files.
+ADAPTERS = {
+    "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "b": dict(r=8, lora_alpha=16, target_modules=ALL_LINEAR, use_rslora=True),
+    "c": dict(r=2, lora_alpha=4, target_modules=["o_proj", "down_proj", "gate_proj"], rank_pattern={"down_proj": 6},
+              alpha_pattern={"gate_proj": 10}),
+}
+
+
+def _tiny_llama(hidden=64, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64, pad_token_id=0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _save_adapter(base, path, seed, safe=True, **cfg):
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **cfg))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # PEFT would start B at 0: random B makes the adapter change the output
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(str(path), safe_serialization=safe)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = _tiny_llama()
+    root = tmp_path_factory.mktemp("adapters")
+    paths = {name: _save_adapter(base, root / name, seed=i, safe=name != "c", **cfg)
+             for i, (name, cfg) in enumerate(ADAPTERS.items())}
+    peft_models = {name: peft.PeftModel.from_pretrained(copy.deepcopy(base), str(p)).eval()
+                   for name, p in paths.items()}
+    assert (root / "c" / "adapter_model.bin").exists() and (root / "a" / "adapter_model.safetensors").exists()
+    return base, root, paths, peft_models
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(1, 128, (4, 7), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0  # one left-padded sequence
+    return ids, mask
+
+
+@torch.no_grad()
+def _expected_logits(setup, names, ids, mask):
+    base, _, _, peft_models = setup
+    rows = []
+    for b, name in enumerate(names):
+        model = base if name is None else peft_models[name]
+        rows.append(model(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1]).logits[0])
+    return torch.stack(rows)
+
+
+def _state(mm):
+    return {n: [b.clone() for b in l.buffers()] for n, l in mm.layers.items()}, mm.adapters
+
+
+def _assert_state(mm, state):
+    bufs, adapters = state
+    assert mm.adapters == adapters
+    for n, l in mm.layers.items():
+        for b0, b1 in zip(bufs[n], l.buffers()):
+            assert torch.equal(b0, b1), f"{n} slot buffers changed"
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("torch", id="torch"),
+    pytest.param("triton", id="triton", marks=pytest.mark.skipif(
+        "triton" not in available_backends("cpu"),
+        reason="Triton on CPU needs TRITON_INTERPRET=1 set before lora_kernels is imported"))])
+@torch.no_grad()
+def test_mixed_batch_matches_peft(setup, backend):
+    base, _, paths, peft_models = setup
+    mm = MultiLoRAModel(copy.deepcopy(base), max_loras=4, max_rank=8, backend=backend)
+    assert len(mm.layers) == 2 * len(ALL_LINEAR)
+    for name in "abc":
+        mm.load_adapter(name, paths[name])
+    ids, mask = _inputs()
+    names = ["a", None, "c", "b"]
+    out = mm(ids, attention_mask=mask, adapter_names=names).logits
+    expected = _expected_logits(setup, names, ids, mask)
+    valid = mask.bool()
+    torch.testing.assert_close(out[valid], expected[valid], atol=2e-5, rtol=2e-5)
+    # Each adapter really changes the output (B is non-zero), so the comparison above can fail.
+    plain = base(input_ids=ids, attention_mask=mask).logits
+    for b in (0, 2, 3):
+        assert (out[b][valid[b]] - plain[b][valid[b]]).abs().max() > 1e-2
+    # No adapter at all: exactly the base path.
+    torch.testing.assert_close(mm(ids, attention_mask=mask).logits[valid], plain[valid], atol=1e-6, rtol=1e-6)
+
+
+@torch.no_grad()
+def test_generate_matches_peft(setup):
+    base, _, paths, peft_models = setup
+    mm = MultiLoRAModel(copy.deepcopy(base), max_loras=3, max_rank=8)
+    for name in "abc":
+        mm.load_adapter(name, paths[name])
+    ids, mask = _inputs()
+    names = ["b", "a", None, "c"]
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    out = mm.generate(ids, attention_mask=mask, adapter_names=names, **kw)
+    for b, name in enumerate(names):
+        model = base if name is None else peft_models[name]
+        exp = model.generate(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1], **kw)
+        assert torch.equal(out[b], exp[0]), f"sequence {b} ({name})"
+    assert mm.context.batch is None and not any(mm._pins.values())
+
+
+@torch.no_grad()
+def test_eviction_reload_unload(setup):
+    base, _, paths, _ = setup
+    mm = MultiLoRAModel(copy.deepcopy(base), max_loras=2, max_rank=8)
+    ids, mask = _inputs()
+    ids, mask = ids[:1], mask[:1]
+    assert mm.load_adapter("a", paths["a"]) == 0 and mm.load_adapter("b", paths["b"]) == 1
+    mm(ids, attention_mask=mask, adapter_names=["a"])  # "a" is now more recently used than "b"
+    assert mm.load_adapter("c", paths["c"]) == 1 and mm.adapters == {"a": 0, "c": 1}  # evicts LRU "b"
+    with pytest.raises(KeyError, match="unknown adapter 'b'"):
+        mm(ids, attention_mask=mask, adapter_names=["b"])
+    # Adapters pinned by a running batch are never evicted; with every slot pinned, loading fails cleanly.
+    with mm.running(["a", "c"]):
+        state = _state(mm)
+        with pytest.raises(RuntimeError, match="running batches"):
+            mm.load_adapter("b", paths["b"])
+        _assert_state(mm, state)
+        with pytest.raises(RuntimeError, match="in use"):
+            mm.unload_adapter("a")
+    with mm.running(["c"]):
+        assert mm.load_adapter("b", paths["b"]) == 0 and mm.adapters == {"b": 0, "c": 1}  # evicts "a", not "c"
+    # Reloaded "b" (and still-resident "c") give PEFT's logits; reloading a name reuses its slot.
+    assert mm.load_adapter("b", paths["b"]) == 0
+    for name in ("b", "c"):
+        out = mm(ids, attention_mask=mask, adapter_names=[name]).logits
+        torch.testing.assert_close(out, _expected_logits(setup, [name], ids, mask), atol=2e-5, rtol=2e-5)
+    mm.unload_adapter("b")
+    assert mm.adapters == {"c": 1} and all(l.ranks[0] == 0 for l in mm.layers.values())
+    with pytest.raises(KeyError, match="unknown adapter 'b'"):
+        mm.unload_adapter("b")
+    with pytest.raises(ValueError, match="one per sequence"):
+        mm(ids, attention_mask=mask, adapter_names=["c", "c"])
+
+
+@torch.no_grad()
+def test_failed_loads_leave_slots_unchanged(setup, tmp_path):
+    base, root, paths, _ = setup
+    mm = MultiLoRAModel(copy.deepcopy(base), max_loras=2, max_rank=4, target_modules=["q_proj", "v_proj", "o_proj",
+                                                                                       "down_proj", "gate_proj"])
+    mm.load_adapter("a", paths["a"])
+    mm.load_adapter("a2", paths["a"])  # every slot is taken: a failed load must not evict either
+
+    def bad_copy(name, edit_cfg=None, weights=None):
+        d = tmp_path / name
+        d.mkdir()
+        src = paths["a"]
+        cfg = json.loads((src / "adapter_config.json").read_text())
+        if edit_cfg:
+            edit_cfg(cfg)
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+        data = (src / "adapter_model.safetensors").read_bytes()
+        (d / "adapter_model.safetensors").write_bytes(weights(data) if weights else data)
+        return d
+
+    no_cfg = tmp_path / "no_cfg"
+    no_cfg.mkdir()
+    bad_json = bad_copy("bad_json")
+    (bad_json / "adapter_config.json").write_text("{not json")
+    no_weights = bad_copy("no_weights")
+    (no_weights / "adapter_model.safetensors").unlink()
+    other_base = _save_adapter(_tiny_llama(hidden=32), tmp_path / "other_base", seed=3, r=2, lora_alpha=2,
+                               target_modules=["q_proj"])
+    dora = bad_copy("dora", edit_cfg=lambda c: c.update(use_dora=True))
+    cases = [
+        (tmp_path / "missing", FileNotFoundError, "does not exist"),
+        (no_cfg, FileNotFoundError, "adapter_config.json"),
+        (bad_json, AdapterError, "corrupt .*adapter_config.json"),
+        (no_weights, FileNotFoundError, "neither adapter_model.safetensors nor adapter_model.bin"),
+        (bad_copy("truncated", weights=lambda b: b[:len(b) // 2]), AdapterError, "corrupt adapter weights"),
+        (paths["b"], AdapterError, "incompatible target modules.*k_proj"),  # k/up_proj are not wrapped here
+        (paths["c"], AdapterError, "rank r=6 .*exceeds max_rank=4"),
+        (other_base, AdapterError, "incompatible shapes"),
+        (dora, AdapterError, "use_dora=True is not supported"),
+        (bad_copy("rank_mismatch", edit_cfg=lambda c: c.update(r=3)), AdapterError, "config says 3"),
+    ]
+    state = _state(mm)
+    for path, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            mm.load_adapter("new", path)
+        _assert_state(mm, state)
+    with pytest.raises(AdapterError):  # replacing a loaded adapter with a bad one keeps the old one
+        mm.load_adapter("a", paths["c"])
+    _assert_state(mm, state)
