@@ -17,14 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_kernels.backends import TRITON_INTERPRETED
 from lora_kernels.dropout import SEED_LOW, keep_threshold
+from lora_kernels.kernels._common import dot_type, mma
 from lora_kernels.kernels._launch import Launch
 
 # Tests set this to fill every output buffer with NaN before the kernels run: unwritten elements fail.
 POISON_OUTPUTS = False
-
-_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @triton.jit
@@ -36,15 +34,6 @@ def _keep_mask(seed, drop_threshold, offs_m, col_start, n_cols, BLOCK_M: tl.cons
     r0, r1, r2, r3 = tl.randint4x(seed, counters)
     bits = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_C))  # column 4g+i <- r_i
     return (bits >> 1).to(tl.int32, bitcast=True) >= drop_threshold
-
-
-@triton.jit
-def _mma(a, b, acc, CT: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += a @ b with both operands in compute type CT (float32 dots use PRECISION: ieee or tf32)."""
-    if CT == tl.float32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
-    else:
-        return tl.dot(a.to(CT), b.to(CT), acc)
 
 
 @triton.jit(do_not_specialize=["seed", "drop_threshold"])
@@ -74,7 +63,7 @@ def _lora_shrink_kernel(
             x = tl.where(_keep_mask(seed, drop_threshold, offs_m, k0, K, BLOCK_M, BLOCK_K), x, 0.0)
         a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                     mask=mask_r[None, :] & mask_k[:, None], other=0.0)
-        acc = _mma(x, a, acc, CT, PRECISION)
+        acc = mma(x, a, acc, CT, PRECISION)
     acc = acc * keep_scale
     s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :]
     if split_k == 1:
@@ -121,7 +110,7 @@ def _gemm_lora_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         q = tl.load(q_ptr + offs_k[:, None] * stride_qk + offs_n[None, :] * stride_qn,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = _mma(p, q, acc, CT, PRECISION)
+        acc = mma(p, q, acc, CT, PRECISION)
     if has_bias != 0:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 
@@ -138,7 +127,7 @@ def _gemm_lora_kernel(
                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         e = tl.load(e_ptr + offs_r[:, None] * stride_er + offs_n[None, :] * stride_en,
                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        lora = _mma(l * lora_scale, e, lora, CT, PRECISION)
+        lora = mma(l * lora_scale, e, lora, CT, PRECISION)
     if HAS_DROPOUT:
         keep = _keep_mask(seed, drop_threshold, offs_m, pid_n.to(tl.int64) * BLOCK_N, N, BLOCK_M, BLOCK_N)
         acc += tl.where(keep, lora * keep_scale, 0.0)
@@ -179,9 +168,9 @@ def _lora_bwd_ds_db_kernel(
                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
                     mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-        ds = _mma(g, b, ds, CT, PRECISION)
+        ds = mma(g, b, ds, CT, PRECISION)
         if compute_db != 0:
-            db = _mma(tl.trans(g), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), CT, PRECISION)
+            db = mma(tl.trans(g), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), CT, PRECISION)
             tl.atomic_add(db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :], db * scaling,
                           mask=mask_n[:, None] & mask_r[None, :])
     tl.store(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :], ds * scaling,
@@ -216,7 +205,7 @@ def _lora_bwd_da_kernel(
         if drop_threshold > 0:
             keep = _keep_mask(seed, drop_threshold, offs_m, pid_k.to(tl.int64) * BLOCK_K, K, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x, 0.0)
-        acc = _mma(ds_t, x, acc, CT, PRECISION)
+        acc = mma(ds_t, x, acc, CT, PRECISION)
     acc = acc * keep_scale
     da_ptrs = da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :]
     if split_m == 1:
@@ -272,19 +261,11 @@ def _shrink_blocks(M: int, elem_size: int, R: int):
     return (32 if R <= 16 else 16), 32
 
 
-def _tl_dot_type(dtype: torch.dtype):
-    # Triton 3.8's interpreter computes bf16 tl.dot wrongly (garbage of order 1e10); bf16 products are
-    # exact in float32, so interpreted runs take the float32 dot, which gives what the GPU's bf16 MMA gives.
-    if dtype == torch.bfloat16 and TRITON_INTERPRETED:
-        return tl.float32
-    return _TL[dtype]
-
-
 def _compute_types(x_dtype: torch.dtype, lora_dtype: torch.dtype):
     """(base compute type, LoRA compute type, fp32 dot precision)."""
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-    base = _tl_dot_type(x_dtype)
-    lora = _tl_dot_type(x_dtype) if lora_dtype == x_dtype else tl.float32
+    base = dot_type(x_dtype)
+    lora = dot_type(x_dtype) if lora_dtype == x_dtype else tl.float32
     # fp32 dots: exact ("ieee") for fp32 activations unless the user allowed tf32 as for torch.matmul;
     # tf32 for 16-bit activations mixed with fp32 adapters (the activations' 8-11 bit mantissa dominates).
     precision = "tf32" if (allow_tf32 or x_dtype != torch.float32) else "ieee"

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_kernels.backends import TRITON_INTERPRETED
+from lora_kernels.kernels._common import dot_type, mma
 from lora_kernels.kernels._launch import Launch
 from lora_kernels.ops.multi_lora import num_tiles, tile_block_m
 
@@ -38,17 +38,6 @@ from lora_kernels.ops.multi_lora import num_tiles, tile_block_m
 POISON_OUTPUTS = False
 
 MAX_SLICES = 4  # slice stacks per launch; more slices take more launches
-
-_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
-@triton.jit
-def _dot(a, b, acc, CT: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += a @ b with both operands in compute type CT (float32 dots use PRECISION: ieee or tf32)."""
-    if CT == tl.float32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
-    else:
-        return tl.dot(a.to(CT), b.to(CT), acc)
 
 
 @triton.jit
@@ -81,7 +70,7 @@ def _shrink_slice(x_ptr, a_ptr, s_ptr, toks, mask_m, slot, rank, r0, s_col0, k_f
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         a = tl.load(a_base + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None],
                     mask=mask_r[None, :] & mask_k[:, None], other=0.0)
-        acc = _dot(x, a, acc, CT, PRECISION)
+        acc = mma(x, a, acc, CT, PRECISION)
     # S starts zeroed; atomics let split-K programs (and nothing else) share an element.
     tl.atomic_add(s_ptr + toks[:, None] * stride_sm + (s_col0 + offs_r)[None, :].to(tl.int64) * stride_sr, acc,
                   mask=mask_m[:, None] & mask_r[None, :])
@@ -156,7 +145,7 @@ def _expand_slice(acc, s_ptr, b_ptr, toks, rows, slot, rank, scale, offs_n, n_lo
                         mask=rows[:, None] & mask_r[None, :], other=0.0)
             b = tl.load(b_base + n_local[None, :] * R + offs_r[:, None],
                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            acc = _dot(s * scale, b, acc, CT, PRECISION)
+            acc = mma(s * scale, b, acc, CT, PRECISION)
     return acc
 
 
@@ -256,7 +245,7 @@ def _multi_lora_gemm_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = _dot(x, w, acc, CT, PRECISION)
+        acc = mma(x, w, acc, CT, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 
@@ -323,9 +312,7 @@ def _shrink_warps(elem_size: int, block_r: int) -> int:
 
 def _compute_type(dtype: torch.dtype):
     """(tl compute type, fp32 dot precision)."""
-    # Triton 3.8's interpreter computes bf16 tl.dot wrongly; bf16 products are exact in float32, so the
-    # interpreter takes the float32 dot, which gives what the GPU's bf16 MMA gives.
-    ct = tl.float32 if dtype == torch.bfloat16 and TRITON_INTERPRETED else _TL[dtype]
+    ct = dot_type(dtype)
     precision = "tf32" if (dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
     return ct, precision
 

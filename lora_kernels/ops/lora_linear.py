@@ -32,7 +32,7 @@ def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, 
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if x.dim() < 1:
-        raise ValueError(f"x must have shape [..., in], got a 0-d tensor")
+        raise ValueError("x must have shape [..., in], got a 0-d tensor")
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape [out, in], got {_shape(weight)}")
     out_f, in_f = weight.shape
