@@ -275,7 +275,7 @@ def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> tor
     seq_slots = [index.get(a, -1) for a in adapter_names]
     tokens_per_sample = x[0].numel() // x.shape[-1] if x.dim() > 1 and x.shape[0] > 0 else 1
     batch = ops.LoRABatch.from_sequences(torch.tensor(seq_slots, dtype=torch.int32, device=x.device),
-                                         tokens_per_sample, len(slots))
+                                         tokens_per_sample, len(slots), check=False)  # ids from `index`
     return ops.multi_lora_linear(x, weight, bias, A_stack, B_stack, scalings, batch, ranks=ranks,
                                  backend=backend)
 

@@ -118,6 +118,13 @@ def test_batch_errors():
         LoRABatch.from_token_adapters(torch.zeros(2, 2, dtype=torch.int64), 4)
     with pytest.raises(TypeError, match="integer"):
         LoRABatch.from_token_adapters(torch.zeros(3), 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_batch_bad_ids_on_cuda_raise_before_any_kernel():
+    with pytest.raises(ValueError, match=r"\[-1, num_slots=4\)"):
+        LoRABatch.from_token_adapters(torch.tensor([0, 7, -1], device="cuda"), 4)
     b = LoRABatch.from_sequences([1, -1, 0], 4, num_slots=2)
     assert b.token_adapter.tolist() == [1] * 4 + [-1] * 4 + [0] * 4
 
@@ -376,8 +383,8 @@ def test_gpu_decode_step_in_cuda_graph():
     static_ta = ta.cuda()
 
     def step():
-        return multi_lora_linear(x, W, bias, A, B, sc, LoRABatch.from_token_adapters(static_ta, L), rk,
-                                 backend="triton")
+        return multi_lora_linear(x, W, bias, A, B, sc, LoRABatch.from_token_adapters(static_ta, L, check=False),
+                                 rk, backend="triton")
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

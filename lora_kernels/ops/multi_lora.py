@@ -119,11 +119,14 @@ class LoRABatch:
 
     @classmethod
     def from_token_adapters(cls, token_adapter: Union[Tensor, Sequence[int]], num_slots: int,
-                            device: Optional[Union[torch.device, str]] = None) -> "LoRABatch":
+                            device: Optional[Union[torch.device, str]] = None, check: bool = True) -> "LoRABatch":
         """Build the metadata from per-token slot ids ([T] ints, -1 = no adapter) with torch ops only.
 
-        On CUDA nothing is copied to the host: a bad id trips a device-side assert (torch._assert_async)
-        and is treated as -1 until then. On CPU (or from a Python list) a bad id raises ValueError here.
+        check=True (default): an id outside [-1, num_slots) raises ValueError here, before any kernel
+        sees the batch; on CUDA that costs one host read of a flag (a sync, once per step, not per layer).
+        check=False: nothing is read back, so the batch can be built inside a CUDA-graph capture or a hot
+        decode loop whose ids are known valid (serving builds them from its own slot table); a bad id then
+        stops the stream with a device-side assert (torch._assert_async) instead of computing anything.
         """
         if not isinstance(num_slots, int) or isinstance(num_slots, bool) or num_slots < 1:
             raise ValueError(f"num_slots must be a positive int, got {num_slots!r}")
@@ -139,7 +142,7 @@ class LoRABatch:
         ta = token_adapter.to(torch.int32)
         valid = (ta >= 0) & (ta < L)
         bad = (ta < -1) | (ta >= L)
-        if ta.device.type == "cpu":
+        if check or ta.device.type == "cpu":
             if bool(bad.any()):
                 vals = sorted(set(ta[bad].tolist()))[:8]
                 raise ValueError(f"token_adapter ids must lie in [-1, num_slots={L}), got {vals}")
@@ -178,13 +181,14 @@ class LoRABatch:
 
     @classmethod
     def from_sequences(cls, seq_slots: Union[Tensor, Sequence[int]], seq_len: int, num_slots: int,
-                       device: Optional[Union[torch.device, str]] = None) -> "LoRABatch":
+                       device: Optional[Union[torch.device, str]] = None, check: bool = True) -> "LoRABatch":
         """For a [B, seq_len] batch flattened row-major: every token of sequence b uses seq_slots[b]."""
         if not isinstance(seq_slots, Tensor):
             seq_slots = torch.as_tensor(list(seq_slots), dtype=torch.int32, device=device)
         elif device is not None:
             seq_slots = seq_slots.to(device)
-        return cls.from_token_adapters(seq_slots.reshape(-1, 1).expand(-1, seq_len).reshape(-1), num_slots)
+        return cls.from_token_adapters(seq_slots.reshape(-1, 1).expand(-1, seq_len).reshape(-1), num_slots,
+                                       check=check)
 
 
 # ----------------------------------------------------------------------------------------------------
