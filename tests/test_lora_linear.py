@@ -167,6 +167,20 @@ def test_partial_grads(device, backend, need):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_output_grad(device, backend):
+    """y.sum().backward() hands the op a stride-0 (expanded) dy."""
+    require_backend(backend, device)
+    x, W, b, A, B, _ = make_inputs(9, 20, 12, 3, torch.float32, device=device)
+    A.requires_grad_()
+    B.requires_grad_()
+    lk.lora_linear(x, W, b, A, B, 0.5, backend=backend).sum().backward()
+    _, _, dA, dB = reference_outputs(x, W, b, A, B, torch.ones(9, 12), 0.5, 0.0, None)
+    assert_close_to_ref(A.grad, dA, torch.float32, "dA")
+    assert_close_to_ref(B.grad, dB, torch.float32, "dB")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_triton_multi_block(device, monkeypatch):
     """Small tiles so every kernel runs many programs: grouped GEMM order, split-K / split-M atomics,
     the staggered dB walk and several rank chunks."""
