@@ -19,6 +19,16 @@ def mma(a, b, acc, CT: tl.constexpr, PRECISION: tl.constexpr):
         return tl.dot(a.to(CT), b.to(CT), acc)
 
 
+@triton.jit
+def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program `pid` in grouped order: GROUP_M row-blocks in a row take the same column
+    blocks of the right-hand matrix one after another, while those sit in L2."""
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % group_size) % group_m, (pid % group_size) // group_m
+
+
 def dot_type(dtype: torch.dtype):
     """The tl type a dot over `dtype` operands runs in.
 

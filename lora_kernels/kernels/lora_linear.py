@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from lora_kernels.dropout import SEED_LOW, keep_threshold
-from lora_kernels.kernels._common import dot_type, mma
+from lora_kernels.kernels._common import dot_type, grouped_tile, mma
 from lora_kernels.kernels._launch import Launch
 
 # Tests set this to fill every output buffer with NaN before the kernels run: unwritten elements fail.
@@ -89,14 +89,7 @@ def _gemm_lora_kernel(
     variant: without it the LoRA term accumulates into the base accumulator (no second tile, no mask).
     """
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row-blocks share Q's column blocks while they sit in L2.
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)

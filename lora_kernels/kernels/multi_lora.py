@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_kernels.kernels._common import dot_type, mma
+from lora_kernels.kernels._common import dot_type, grouped_tile, mma
 from lora_kernels.kernels._launch import Launch
 from lora_kernels.ops.multi_lora import num_tiles, tile_block_m
 
@@ -222,14 +222,7 @@ def _multi_lora_gemm_kernel(
     Grid (cdiv(T, BLOCK_M) · cdiv(N, BLOCK_N),). The epilogue covers slices N0..N3 (columns [0, Σ N_i)).
     """
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(T, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row-blocks share W0's column blocks while they sit in L2.
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = pos < T
