@@ -167,15 +167,20 @@ def test_lora_linear_decode_step_cuda_graph(backend, tokens):
         with torch.no_grad():
             return lk.lora_linear(x_static, W, bias, A, B, s, backend=backend)
 
+    _replay_and_check(step, x_static, dt, lambda xd: lora_linear_forward(
+        xd, W.double(), bias.double(), A.double(), B.double(), s)[0])
+
+
+def _replay_and_check(step, x_static, dt, reference):
+    """Capture `step` in a CUDA graph, replay it on 3 fresh inputs, compare each with reference(x float64)."""
     graph, y_static = _capture(step)
     for _ in range(3):
-        x_new = torch.randn(tokens, K, device="cuda", dtype=dt)
+        x_new = torch.randn(x_static.shape, device="cuda", dtype=dt)
         x_static.copy_(x_new)
         y_static.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        ref, _ = lora_linear_forward(x_new.double(), W.double(), bias.double(), A.double(), B.double(), s)
-        assert_close_to_ref(y_static, ref, dt, "graph replay output")
+        assert_close_to_ref(y_static, reference(x_new.double()), dt, "graph replay output")
 
 
 def _multi_lora_api():
@@ -206,17 +211,12 @@ def test_multi_lora_decode_step_cuda_graph(backend):
         with torch.no_grad():
             return multi_lora_linear(x_static, W, None, A_stack, B_stack, scalings, batch, backend=backend)
 
-    graph, y_static = _capture(step)
-    for _ in range(3):
-        x_new = torch.randn(T, K, device="cuda", dtype=dt)
-        x_static.copy_(x_new)
-        y_static.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        xd = x_new.double()
+    def reference(xd):
         ref = xd @ W.double().T
         for t in range(T):
             j = int(token_adapter[t])
             if j >= 0:
                 ref[t] += scalings[j].double() * (xd[t] @ A_stack[j].double().T) @ B_stack[j].double().T
-        assert_close_to_ref(y_static, ref, dt, "graph replay output")
+        return ref
+
+    _replay_and_check(step, x_static, dt, reference)

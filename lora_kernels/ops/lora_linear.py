@@ -79,17 +79,19 @@ def _lora_dtype(x: Tensor, lora_A: Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(x.dtype, lora_A.dtype), torch.float32)
 
 
-def _x_hat(x: Tensor, dtype, dropout_p: float, seed: Optional[Tensor]) -> Tensor:
-    x = x.to(dtype)
+def _scaled_keep(x: Tensor, dtype, dropout_p: float, seed: Optional[Tensor]) -> Optional[Tensor]:
+    """m / (1 - p) as a `dtype` tensor shaped like x, or None without dropout."""
     if seed is None:
-        return x
+        return None
     keep = dropout_mask(seed, tuple(x.shape), dropout_p, device=x.device)
-    return x * keep.to(dtype) * (1.0 / (1.0 - dropout_p))
+    return keep.to(dtype) * (1.0 / (1.0 - dropout_p))
 
 
 def _torch_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     ct = _lora_dtype(x, lora_A)
-    S = _x_hat(x, ct, dropout_p, seed) @ lora_A.to(ct).T
+    keep = _scaled_keep(x, ct, dropout_p, seed)
+    x_hat = x.to(ct) if keep is None else x.to(ct) * keep
+    S = x_hat @ lora_A.to(ct).T
     y = torch.nn.functional.linear(x, weight, bias)
     y.addmm_((S * scaling).to(y.dtype), lora_B.to(y.dtype).T)
     return y, S.to(torch.promote_types(ct, torch.float32))
@@ -99,16 +101,17 @@ def _torch_bwd(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, need_
     ct = _lora_dtype(x, lora_A)
     G = dy.to(ct)
     dS = (G @ lora_B.to(ct)) * scaling
+    keep = _scaled_keep(x, ct, dropout_p, seed) if (need_dA or need_dx) else None  # one mask for both
     dx = dA = dB = None
     if need_dB:
         dB = ((G.T @ S.to(ct)) * scaling).to(lora_B.dtype)
     if need_dA:
-        dA = (dS.T @ _x_hat(x, ct, dropout_p, seed)).to(lora_A.dtype)
+        x_hat = x.to(ct) if keep is None else x.to(ct) * keep
+        dA = (dS.T @ x_hat).to(lora_A.dtype)
     if need_dx:
         lora = dS @ lora_A.to(ct)
-        if seed is not None:
-            keep = dropout_mask(seed, tuple(x.shape), dropout_p, device=x.device)
-            lora = lora * keep.to(ct) * (1.0 / (1.0 - dropout_p))
+        if keep is not None:
+            lora = lora * keep
         dx = (dy @ weight).to(ct).add_(lora).to(x.dtype)
     return dx, dA, dB
 
