@@ -5,10 +5,12 @@
 // (same arguments minus `backend`). CPU implementations live in csrc/*_cpu.cpp, CUDA ones in csrc/cuda/.
 // Fake (meta) and autograd registrations are added in Python by lora_kernels/ops/native.py.
 #include <Python.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <sstream>
 
+#include "dropout_cpu.h"
 #include "ops.h"
 
 // `import lora_kernels._C` loads this library, whose static initialisers register the ops below.
@@ -24,6 +26,8 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
 #else
   PyModule_AddIntConstant(m, "WITH_CUDA", 0);
 #endif
+  // The instruction set of the CPU dropout-mask generator picked for this machine ("avx2" or "scalar").
+  PyModule_AddStringConstant(m, "CPU_DROPOUT_ISA", lora_kernels::dropout_cpu_isa());
   return m;
 }
 
@@ -36,8 +40,13 @@ TORCH_LIBRARY(lora_kernels, m) {
   m.def("native_lora_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor S, "
         "float scaling, float dropout_p, Tensor? seed, bool need_dx, bool need_dA, bool need_dB) "
         "-> (Tensor, Tensor, Tensor)");
-  // x̂ = x ⊙ keep(seed) / (1 - p), the mask of lora_kernels.dropout for x viewed as [numel / K, K], K = x.size(-1).
-  m.def("native_dropout(Tensor x, float dropout_p, Tensor seed) -> Tensor");
+  // The seeded dropout of lora_kernels.dropout, for a tensor viewed as [numel / K, K], K = size(-1):
+  // x̂ = x ⊙ keep(seed) / (1 - p) as a new contiguous tensor in `dtype` (default x's), x of any strides;
+  m.def("native_dropout(Tensor x, float dropout_p, Tensor seed, ScalarType? dtype=None) -> Tensor");
+  // out += t ⊙ keep(seed) / (1 - p) in one pass (the mask of t's view; out and t of one shape, any strides);
+  m.def("native_dropout_add_(Tensor(a!) out, Tensor t, float dropout_p, Tensor seed) -> ()");
+  // the boolean keep-mask [M, K] itself (on `device`, default CPU).
+  m.def("native_dropout_mask(Tensor seed, int M, int K, float dropout_p, Device? device=None) -> Tensor");
   // Multi-adapter serving (lora_kernels/ops/multi_lora.py); the seven LoRABatch tensors in schema order.
   m.def("native_lora_shrink(Tensor x, Tensor[] A_stacks, Tensor token_adapter, Tensor sorted_token_ids, "
         "Tensor seg_starts, Tensor seg_lens, Tensor tile_slot, Tensor tile_start, Tensor tile_end, "
@@ -48,17 +57,48 @@ TORCH_LIBRARY(lora_kernels, m) {
   m.def("native_multi_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor[] A_stacks, Tensor[] B_stacks, "
         "Tensor scalings, Tensor token_adapter, Tensor sorted_token_ids, Tensor seg_starts, Tensor seg_lens, "
         "Tensor tile_slot, Tensor tile_start, Tensor tile_end, Tensor? ranks) -> Tensor");
+  // Multi-adapter training (CPU only): per-slot dropout [L] active iff seed is given; (y, S) and (dx, [dA_i], [dB_i])
+  // with a gradient not needed as an empty tensor / list.
+  m.def("native_multi_lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor[] A_stacks, Tensor[] B_stacks, "
+        "Tensor scalings, Tensor token_adapter, Tensor sorted_token_ids, Tensor seg_starts, Tensor seg_lens, "
+        "Tensor tile_slot, Tensor tile_start, Tensor tile_end, Tensor? ranks, Tensor? dropout, Tensor? seed) "
+        "-> (Tensor, Tensor)");
+  m.def("native_multi_lora_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor[] A_stacks, Tensor[] B_stacks, "
+        "Tensor S, Tensor scalings, Tensor token_adapter, Tensor sorted_token_ids, Tensor seg_starts, "
+        "Tensor seg_lens, Tensor tile_slot, Tensor tile_start, Tensor tile_end, Tensor? ranks, Tensor? dropout, "
+        "Tensor? seed, bool need_dx, bool need_dA, bool need_dB) -> (Tensor, Tensor[], Tensor[])");
 }
 
 #define LK_REGISTER_OPS(dev)                                              \
   m.impl("native_lora_linear_fwd", &lora_kernels::lora_linear_fwd_##dev);   \
   m.impl("native_lora_linear_bwd", &lora_kernels::lora_linear_bwd_##dev);   \
   m.impl("native_dropout", &lora_kernels::dropout_##dev);                   \
+  m.impl("native_dropout_add_", &lora_kernels::dropout_add_##dev);          \
+  m.impl("native_dropout_mask", &lora_kernels::dropout_mask_##dev);         \
   m.impl("native_lora_shrink", &lora_kernels::lora_shrink_##dev);           \
   m.impl("native_lora_expand", &lora_kernels::lora_expand_##dev);           \
   m.impl("native_multi_lora_linear", &lora_kernels::multi_lora_linear_##dev);
 
-TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) { LK_REGISTER_OPS(cpu) }
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
+  LK_REGISTER_OPS(cpu)
+  m.impl("native_multi_lora_linear_fwd", &lora_kernels::multi_lora_linear_fwd_cpu);
+  m.impl("native_multi_lora_linear_bwd", &lora_kernels::multi_lora_linear_bwd_cpu);
+}
+
+// The training ops have no CUDA kernels: on CUDA the Python layer runs the native shrink / expand forward and the
+// torch backward instead. A direct call says what to use rather than the dispatcher's generic message.
+namespace {
+void cpu_only(const c10::OperatorHandle& op, torch::jit::Stack*) {
+  TORCH_CHECK(false, op.schema().name(), " is not implemented on CUDA in the native backend (CPU only); use "
+              "backend=None/'composite'/'triton' for CUDA tensors.");
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
+  for (const char* name : {"native_multi_lora_linear_fwd", "native_multi_lora_linear_bwd"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cpu_only>());
+  }
+}
 
 #ifdef LK_WITH_CUDA
 TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) { LK_REGISTER_OPS(cuda) }
@@ -75,8 +115,9 @@ void built_without_cuda(const c10::OperatorHandle& op, torch::jit::Stack*) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
-  for (const char* name : {"native_lora_linear_fwd", "native_lora_linear_bwd", "native_dropout", "native_lora_shrink",
-                           "native_lora_expand", "native_multi_lora_linear"}) {
+  for (const char* name : {"native_lora_linear_fwd", "native_lora_linear_bwd", "native_dropout", "native_dropout_add_",
+                           "native_dropout_mask", "native_lora_shrink", "native_lora_expand",
+                           "native_multi_lora_linear"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&built_without_cuda>());
   }
 }
@@ -109,6 +150,24 @@ Dropout make_dropout(double dropout_p, const OptTensor& seed) {
   d.threshold = keep_threshold(dropout_p);
   d.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
   return d;
+}
+
+void check_dropout_args(const Tensor& x, std::optional<at::ScalarType> dtype) {
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(!dtype.has_value() || at::isFloatingType(*dtype), "dtype must be a floating-point dtype, got ", *dtype);
+}
+
+void check_dropout_add_args(const Tensor& out, const Tensor& t) {
+  TORCH_CHECK(out.sizes() == t.sizes(), "dropout_add_: t must have out's shape ", shape_str(out), ", got ",
+              shape_str(t));
+  TORCH_CHECK(out.device() == t.device(), "dropout_add_: out and t must be on one device, got out:", out.device(),
+              " t:", t.device());
+  const auto ot = out.scalar_type(), tt = t.scalar_type();
+  TORCH_CHECK(ot == at::kHalf || ot == at::kBFloat16 || ot == at::kFloat || ot == at::kDouble,
+              "dropout_add_: out must be float16, bfloat16, float32 or float64, got ", ot);
+  TORCH_CHECK(tt == at::kFloat || tt == at::kDouble, "dropout_add_: t must be float32 or float64, got ", tt);
+  at::assert_no_internal_overlap(out);
+  at::assert_no_partial_overlap(out, t);
 }
 
 void check_lora_linear_args(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lora_A,

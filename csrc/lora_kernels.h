@@ -25,6 +25,13 @@ at::ScalarType lora_compute_dtype(const Tensor& x, const Tensor& lora_A);
 // Validates p in [0, 1) and `seed` (None, or a CPU int64 tensor with one element); reads the seed on the host.
 Dropout make_dropout(double dropout_p, const OptTensor& seed);
 
+// native_dropout: x floating point; dtype (the output's), when given, floating point.
+void check_dropout_args(const Tensor& x, std::optional<at::ScalarType> dtype);
+
+// native_dropout_add_: out (fp16/bf16/fp32/fp64) and t (fp32/fp64) of one shape on one device, out not
+// overlapping itself or t partially.
+void check_dropout_add_args(const Tensor& out, const Tensor& t);
+
 // x [M, in], weight [out, in], bias [out] | None, lora_A [r, in], lora_B [out, r] on one device, with the
 // dtype rules of the Python op. `cuda` adds the dtypes the CUDA kernels support.
 void check_lora_linear_args(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lora_A,

@@ -2,6 +2,9 @@
 // file that includes torch/library.h). Schemas and semantics: lora_kernels.cpp and lora_kernels/ops/native.py.
 #pragma once
 
+#include <tuple>
+#include <vector>
+
 #include "lora_kernels.h"
 
 namespace lora_kernels {
@@ -16,7 +19,10 @@ using at::TensorList;
       const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,       \
       const Tensor& S, double scaling, double dropout_p, const OptTensor& seed, bool need_dx, bool need_dA,      \
       bool need_dB);                                                                                             \
-  Tensor dropout_##dev(const Tensor& x, double dropout_p, const Tensor& seed);                                   \
+  Tensor dropout_##dev(const Tensor& x, double dropout_p, const Tensor& seed, std::optional<at::ScalarType> dtype); \
+  void dropout_add_##dev(const Tensor& out, const Tensor& t, double dropout_p, const Tensor& seed);              \
+  Tensor dropout_mask_##dev(const Tensor& seed, int64_t M, int64_t K, double dropout_p,                          \
+                            std::optional<at::Device> device);                                                   \
   Tensor lora_shrink_##dev(const Tensor& x, TensorList A_stacks, const Tensor& token_adapter,                    \
                            const Tensor& sorted_token_ids, const Tensor& seg_starts, const Tensor& seg_lens,     \
                            const Tensor& tile_slot, const Tensor& tile_start, const Tensor& tile_end,            \
@@ -32,6 +38,19 @@ using at::TensorList;
                                  const Tensor& tile_start, const Tensor& tile_end, const OptTensor& ranks);
 
 LK_DECLARE_OPS(cpu)
+
+// Multi-adapter training, CPU only (the CUDA key of these ops raises; the Python layer runs other code on CUDA).
+std::tuple<Tensor, Tensor> multi_lora_linear_fwd_cpu(
+    const Tensor& x, const Tensor& weight, const OptTensor& bias, TensorList A_stacks, TensorList B_stacks,
+    const Tensor& scalings, const Tensor& token_adapter, const Tensor& sorted_token_ids, const Tensor& seg_starts,
+    const Tensor& seg_lens, const Tensor& tile_slot, const Tensor& tile_start, const Tensor& tile_end,
+    const OptTensor& ranks, const OptTensor& dropout, const OptTensor& seed);
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> multi_lora_linear_bwd_cpu(
+    const Tensor& dy, const Tensor& x, const Tensor& weight, TensorList A_stacks, TensorList B_stacks, const Tensor& S,
+    const Tensor& scalings, const Tensor& token_adapter, const Tensor& sorted_token_ids, const Tensor& seg_starts,
+    const Tensor& seg_lens, const Tensor& tile_slot, const Tensor& tile_start, const Tensor& tile_end,
+    const OptTensor& ranks, const OptTensor& dropout, const OptTensor& seed, bool need_dx, bool need_dA,
+    bool need_dB);
 #ifdef LK_WITH_CUDA
 LK_DECLARE_OPS(cuda)
 #endif

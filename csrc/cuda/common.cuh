@@ -68,6 +68,7 @@ cudaError_t with_type(DType dt, F&& f) {
     case DType::F16: return f(__half{});
     case DType::BF16: return f(__nv_bfloat16{});
     case DType::F32: return f(float{});
+    case DType::F64: break;  // not a LoRA kernel dtype
   }
   return cudaErrorInvalidValue;
 }

@@ -1,5 +1,5 @@
 // Expand: y[m, n] += drop(scale · s_l · Σ_{j<r_l} S[m, j] · W[l, n, j]) in place (y read once, written once),
-// l = idx[m]; and the standalone dropout x̂ = x ⊙ m / (1 - p).
+// l = idx[m].
 //
 // Expand: one block per (row m, kVec · 128 columns). The block stages the fp32 row S[m, :r_l] · scale · s_l in
 // shared memory; each thread owns kVec consecutive outputs, reads its kVec rows of W (one contiguous stretch
@@ -53,19 +53,6 @@ __global__ void __launch_bounds__(kExpandThreads) expand_kernel(ExpandArgs a) {
   store_f32<N>(yp, yv);
 }
 
-// out = x̂ for contiguous [M, K]; blockIdx.y strides over rows (M may exceed the grid's 65535 limit).
-template <typename T, int N>
-__global__ void dropout_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t M, int64_t K, Dropout d) {
-  const int64_t k = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * N;
-  if (k >= K) return;
-  for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
-    float v[N];
-    load_f32<N>(x + m * K + k, v);
-    d.apply<N>(v, m, k, K);
-    store_f32<N>(out + m * K + k, v);
-  }
-}
-
 }  // namespace
 
 cudaError_t launch_expand(const ExpandArgs& a, cudaStream_t stream) {
@@ -84,22 +71,6 @@ cudaError_t launch_expand(const ExpandArgs& a, cudaStream_t stream) {
       expand_kernel<Ty, Tw, 1, kVec><<<grid, kExpandThreads, smem, stream>>>(a);
     } else {
       expand_kernel<Ty, Tw, 1, 1><<<grid, kExpandThreads, smem, stream>>>(a);
-    }
-    return cudaGetLastError();
-  });
-}
-
-cudaError_t launch_dropout(const void* x, void* out, DType dt, int64_t M, int64_t K, Dropout d, bool vec,
-                           cudaStream_t stream) {
-  if (M == 0 || K == 0) return cudaSuccess;
-  const int64_t per_block = 128 * (vec ? kVec : 1);
-  const dim3 grid(static_cast<unsigned>((K + per_block - 1) / per_block), static_cast<unsigned>(M < 65535 ? M : 65535));
-  return with_type(dt, [&](auto tag) {
-    using T = decltype(tag);
-    if (vec) {
-      dropout_kernel<T, kVec><<<grid, 128, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(out), M, K, d);
-    } else {
-      dropout_kernel<T, 1><<<grid, 128, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(out), M, K, d);
     }
     return cudaGetLastError();
   });

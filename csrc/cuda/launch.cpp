@@ -22,6 +22,11 @@ DType dtype_of(const Tensor& t, const char* what) {
   }
 }
 
+// The standalone dropout ops also take float64.
+DType any_dtype_of(const Tensor& t, const char* what) {
+  return t.scalar_type() == at::kDouble ? DType::F64 : dtype_of(t, what);
+}
+
 // Vectors of kVec elements can start at every row of t: aligned base, row strides and last dim multiples of kVec.
 bool vec_ok(const Tensor& t) {
   if (reinterpret_cast<uintptr_t>(t.data_ptr()) % (kVec * t.element_size()) != 0) return false;
@@ -57,8 +62,8 @@ void shrink(const Tensor& x, const Tensor& W, const Slots& slots, const Tensor& 
   a.M = x.size(0), a.K = x.size(1), a.L = W.size(0), a.R = W.size(1);
   TORCH_INTERNAL_ASSERT(W.size(2) == a.K && out.size(0) == a.M && out.size(1) == a.R);
   TORCH_INTERNAL_ASSERT(x.stride(1) == 1 && W.stride(2) == 1 && out.stride(1) == 1 && out.scalar_type() == at::kFloat);
-  TORCH_CHECK(a.M <= kMaxGridX && ceil_div(a.R, kShrinkWarps) <= kMaxGridYZ, "lora shrink: [", a.M, ", ", a.R,
-              "] output is too large");
+  TORCH_CHECK(a.M <= kMaxGridX, "lora shrink: ", a.M, " rows are too many for one launch");
+  TORCH_CHECK(a.R <= kShrinkMaxRank, "lora shrink: rank ", a.R, " is larger than the supported ", kShrinkMaxRank);
   if (a.M == 0 || a.R == 0) return;
   if (a.K == 0) {
     out.zero_();
@@ -71,12 +76,14 @@ void shrink(const Tensor& x, const Tensor& W, const Slots& slots, const Tensor& 
   a.out = out.data_ptr<float>(), a.out_rs = out.stride(0);
   a.scale = static_cast<float>(scale), a.d = d;
   a.vec = vec_ok(x) && vec_ok(W);
-  // Split K until the grid covers the GPU about twice, keeping >= 2 loads per lane per split.
-  const int64_t step = 32 * (a.vec ? kVec : 1);
-  const int64_t blocks = a.M * ceil_div(a.R, kShrinkWarps);
+  // One block per row: split K until the grid covers the GPU about twice, keeping chunks of >= 2 split steps
+  // (two vector loads per lane per rank).
+  const int64_t step = kShrinkSplitStep;
   const int64_t target = 2 * static_cast<int64_t>(sm_count());
   int64_t splits = 1;
-  if (blocks < target) splits = std::clamp<int64_t>(ceil_div(target, blocks), 1, std::max<int64_t>(1, a.K / (2 * step)));
+  if (a.M < target) {
+    splits = std::clamp<int64_t>(ceil_div(target, a.M), 1, std::clamp<int64_t>(a.K / (2 * step), 1, kMaxGridYZ));
+  }
   a.k_chunk = ceil_div(ceil_div(a.K, splits), step) * step;
   a.splits = ceil_div(a.K, a.k_chunk);
   if (a.splits > 1) out.zero_();
@@ -135,6 +142,22 @@ void dropout(const Tensor& x, const Tensor& out, const Dropout& d) {
   TORCH_CHECK(ceil_div(K, 128) <= kMaxGridX, "lora dropout: rows of ", K, " elements are too long");
   C10_CUDA_CHECK(launch_dropout(x2.data_ptr(), o2.data_ptr(), dtype_of(x, "x"), M, K, d, vec_ok(x2) && vec_ok(o2),
                                 c10::cuda::getCurrentCUDAStream()));
+}
+
+void dropout_add(const Tensor& out, const Tensor& t, const Dropout& d, double dropout_p) {
+  if (t.numel() == 0) return;
+  const int64_t K = t.dim() == 0 ? 1 : t.size(-1), M = t.numel() / K;
+  const Tensor tc = t.contiguous();
+  Tensor oc = out.is_contiguous() ? out : out.contiguous();  // the kernel indexes [M, K] row-major
+  C10_CUDA_CHECK(launch_dropout_add(oc.data_ptr(), any_dtype_of(oc, "out"), tc.data_ptr(), any_dtype_of(tc, "t"), M,
+                                    K, d, 1.0 / (1.0 - dropout_p), c10::cuda::getCurrentCUDAStream()));
+  if (!oc.is_same(out)) out.copy_(oc);
+}
+
+void dropout_mask(const Tensor& out, const Dropout& d) {
+  TORCH_INTERNAL_ASSERT(out.dim() == 2 && out.is_contiguous() && out.scalar_type() == at::kBool);
+  C10_CUDA_CHECK(launch_dropout_mask(out.data_ptr<bool>(), out.size(0), out.size(1), d,
+                                     c10::cuda::getCurrentCUDAStream()));
 }
 
 }  // namespace cuda

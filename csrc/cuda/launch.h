@@ -18,7 +18,8 @@ struct Slots {
 
 // out[m, j] = scale · Σ_k x̂[m, k] · W[l, j, k] for j < r_l, else 0; l = idx[m] (or 0); rows with l < 0 get 0.
 //   x: [M, K] (fp16/bf16/fp32), W: [L, R, K] (x's dtype or fp32), out: [M, R] fp32 (any row stride).
-//   x̂ = dropout(x) as element (m, k) of [M, K]. Split-K with fp32 atomics when M · R is too small for the GPU.
+//   x̂ = dropout(x) as element (m, k) of [M, K], each element's mask generated once. R <= kShrinkMaxRank.
+//   Split-K with fp32 atomics when M is too small for the GPU.
 void shrink(const Tensor& x, const Tensor& W, const Slots& slots, const Tensor& out, double scale, const Dropout& d);
 
 // y[m, n] += drop(scale · s_l · Σ_{j<r_l} S[m, j] · W[l, n, j]); l = idx[m] (or 0); rows with l < 0 unchanged.
@@ -33,6 +34,13 @@ void outer_acc(const Tensor& X, const Tensor& Z, const Tensor& out, double scale
 
 // out = x̂ for contiguous x and out of one dtype, viewed as [numel / K, K] with K = x.size(-1).
 void dropout(const Tensor& x, const Tensor& out, const Dropout& d);
+
+// out += t ⊙ keep / (1 - p) (one shape, any strides; out fp16/bf16/fp32/fp64, t fp32/fp64), the mask of t's
+// [numel / K, K] view; `d` active.
+void dropout_add(const Tensor& out, const Tensor& t, const Dropout& d, double dropout_p);
+
+// out = keep, out a contiguous bool [M, K] tensor.
+void dropout_mask(const Tensor& out, const Dropout& d);
 
 }  // namespace cuda
 }  // namespace lora_kernels

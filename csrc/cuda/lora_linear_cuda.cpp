@@ -1,4 +1,4 @@
-// CUDA implementations of native_lora_linear_fwd / _bwd and native_dropout (same math as the CPU ones in
+// CUDA implementations of native_lora_linear_fwd / _bwd and the dropout ops (same math as the CPU ones in
 // csrc/lora_linear_cpu.cpp). The large base GEMMs (x W0ᵀ + b, dy W0) come from ATen (cuBLAS); all the LoRA
 // work is in our kernels, with fp32 accumulation and the dropout mask regenerated in-kernel, never stored:
 //     forward:  y = linear(x, W0, b);  S = shrink(x̂, A);  y += s · S Bᵀ (expand, in place)
@@ -7,6 +7,7 @@
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/launch.h"
@@ -66,12 +67,33 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_bwd_cuda(const Tensor& dy, const 
   return {dx, dA, dB};
 }
 
-Tensor dropout_cuda(const Tensor& x, double dropout_p, const Tensor& seed) {
+Tensor dropout_cuda(const Tensor& x, double dropout_p, const Tensor& seed, std::optional<at::ScalarType> dtype) {
+  check_dropout_args(x, dtype);
   const Dropout d = make_dropout(dropout_p, seed);
   const c10::cuda::CUDAGuard guard(x.device());
-  const Tensor xc = x.contiguous();
-  Tensor out = at::empty(x.sizes(), x.options());
+  const auto dt = dtype.value_or(x.scalar_type());
+  const Tensor xc = x.contiguous().to(dt);  // the kernel reads and writes one dtype, row-major
+  Tensor out = at::empty(x.sizes(), x.options().dtype(dt));
   cuda::dropout(xc, out, d);
+  return out;
+}
+
+void dropout_add_cuda(const Tensor& out, const Tensor& t, double dropout_p, const Tensor& seed) {
+  check_dropout_add_args(out, t);
+  const Dropout d = make_dropout(dropout_p, seed);
+  const c10::cuda::CUDAGuard guard(out.device());
+  cuda::dropout_add(out, t, d, dropout_p);
+}
+
+Tensor dropout_mask_cuda(const Tensor& seed, int64_t M, int64_t K, double dropout_p,
+                         std::optional<at::Device> device) {
+  TORCH_CHECK(M >= 0 && K >= 0, "dropout_mask: M and K must be >= 0, got M=", M, ", K=", K);
+  const Dropout d = make_dropout(dropout_p, seed);
+  const at::Device dev = device.has_value() ? *device : at::Device(at::kCUDA, c10::cuda::current_device());
+  TORCH_CHECK(dev.is_cuda(), "dropout_mask: device must be a CUDA device here, got ", dev);
+  const c10::cuda::CUDAGuard guard(dev);
+  Tensor out = at::empty({M, K}, at::TensorOptions().dtype(at::kBool).device(dev));
+  cuda::dropout_mask(out, d);
   return out;
 }
 
