@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,11 @@ _TL_DTYPE = {
     torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
     torch.bool: "i1",
 }
+
+# The device guard Launch.run enters for CUDA tensors on a device other than the current one (module
+# attributes, so a CPU test can watch them being used).
+_current_cuda_device = torch.cuda.current_device
+_cuda_device_guard = torch.cuda.device
 
 
 @dataclass
@@ -31,10 +37,25 @@ class Launch:
     num_warps: int = 4
     num_stages: int = 3
 
+    def device(self) -> torch.device | None:
+        """The device of the first tensor argument: every tensor of a launch lives there."""
+        return next((v.device for v in self.args.values() if isinstance(v, torch.Tensor)), None)
+
     def run(self) -> None:
-        if all(g > 0 for g in self.grid):
-            self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps,
-                                   num_stages=self.num_stages)
+        if not all(g > 0 for g in self.grid):
+            return
+        dev = self.device()
+        # Triton launches on the current CUDA device and its stream; tensors on another device (a model
+        # split over GPUs) need that device made current first. Skipped when it already is (host cost).
+        if dev is not None and dev.type == "cuda" and dev.index is not None and dev.index != _current_cuda_device():
+            with _cuda_device_guard(dev.index):
+                self._launch()
+        else:
+            self._launch()
+
+    def _launch(self) -> None:
+        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps,
+                               num_stages=self.num_stages)
 
     def signature(self) -> dict:
         """Triton type strings for every parameter, as `triton.compile` wants them."""
@@ -54,10 +75,36 @@ class Launch:
             sig[name] = "constexpr"
         return sig
 
+    def kernel_name(self) -> str:
+        return getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
+
     def describe(self) -> str:
-        kname = getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
         meta = ",".join(f"{k}={v}" for k, v in self.constexprs.items())
-        return f"{kname}[{meta},warps={self.num_warps},stages={self.num_stages}]"
+        return f"{self.kernel_name()}[{meta},warps={self.num_warps},stages={self.num_stages}]"
+
+    def ttir(self, cc: int = 90) -> str:
+        """The kernel's Triton IR for this launch's specialization (front end only: fast, no GPU, but not
+        under TRITON_INTERPRET=1). Branches on constexprs are resolved, so it shows what this launch does."""
+        from triton._C.libtriton import ir
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from triton.compiler.compiler import make_backend
+
+        target = GPUTarget("cuda", cc, 32)
+        backend = make_backend(target)
+        options = backend.parse_options({"num_warps": self.num_warps, "num_stages": self.num_stages})
+        context = ir.context()
+        ir.load_dialects(context)
+        backend.load_dialects(context)
+        src = ASTSource(self.kernel, *_jit_specialization(self))
+        module = src.make_ir(target, options, backend.get_codegen_implementation(options),
+                             backend.get_module_map(), context)
+        return str(module)
+
+    def atomic_ops(self) -> Counter:
+        """Atomic read-modify-writes in this launch's Triton IR, counted by (op, semantics), e.g.
+        {("fadd", "relaxed"): 1}. Derived from the kernel's code, so it cannot disagree with what runs."""
+        return Counter(re.findall(r"tt\.atomic_rmw\s+(\w+)\s*,\s*(\w+)", self.ttir()))
 
 
 def _jit_specialization(launch: Launch):
@@ -93,16 +140,20 @@ def aot_compile(launch: Launch, cc: int):
                           options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
 
 
-def resource_usage(compiled) -> dict:
-    """{"registers", "stack" (spill bytes), "shared" (bytes)} read from the cubin with cuobjdump."""
+def cuobjdump(compiled, *flags: str) -> str:
+    """Output of the cuobjdump bundled with Triton on the compiled kernel's cubin."""
     import triton
 
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
+        return subprocess.run([exe, *flags, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(compiled) -> dict:
+    """{"registers", "stack" (spill bytes), "shared" (bytes)} read from the cubin with cuobjdump."""
+    out = cuobjdump(compiled, "--dump-resource-usage")
     m = re.search(r"REG:(\d+)\s+STACK:(\d+)", out)
     if m is None:
         raise RuntimeError(f"cannot parse cuobjdump output:\n{out}")

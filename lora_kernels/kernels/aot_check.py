@@ -3,6 +3,13 @@ report registers, spill stack and shared memory: `python -m lora_kernels.kernels
 
 Runs without TRITON_INTERPRET (compilation needs real JIT functions). Exit status 1 when a config fails
 to compile, spills registers, or needs more shared memory than the GPU has.
+
+`--report FILE.json [--subset all|ci] [--markdown]` writes the static report of the headline cases
+instead (occupancy, waves, MMA instructions, atomics by semantics: see static_report.py).
+
+Another Triton, without touching the environment: `pip install --no-deps --target DIR triton==X` and
+`PYTHONPATH=DIR python -m lora_kernels.kernels.aot_check` (the first line printed names the Triton in use;
+scripts/aot_check_triton.sh does both).
 """
 from __future__ import annotations
 
@@ -53,9 +60,14 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("run without TRITON_INTERPRET=1: the AOT check compiles real kernels")
+    import triton
+    print(f"triton {triton.__version__} from {os.path.dirname(triton.__file__)}", file=sys.stderr)
+    if "--report" in argv:
+        from lora_kernels.kernels import static_report
+        return static_report.main(argv)
     jobs = [(m, i, cc) for m, i, _ in _launches() for cc in CCS]
-    workers = min(len(jobs), os.cpu_count() or 1) or 1
-    with ProcessPoolExecutor(workers) as pool:
+    workers = int(argv[argv.index("--workers") + 1]) if "--workers" in argv else 2
+    with ProcessPoolExecutor(max(1, min(workers, len(jobs)))) as pool:
         rows = list(pool.map(_compile_one, jobs))
     for r in rows:
         if "--json" in argv:
