@@ -56,8 +56,20 @@ def dropout_mask(seed: int | torch.Tensor, shape: tuple[int, int], p: float, dev
     """The boolean keep-mask [M, K] that the kernels regenerate for `seed` and drop probability `p`.
 
     The kernels index elements by their logical (row, column) in the flattened [M, K] input, whatever the
-    memory layout, so the mask depends only on (seed, shape, p).
+    memory layout, so the mask depends only on (seed, shape, p). Built by the extension's vectorised
+    generator when it is there (tens of times faster), else by `dropout_mask_torch`: the same bits.
     """
+    from lora_kernels.backends import NATIVE, NATIVE_CUDA
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if NATIVE is not None and (dev.type == "cpu" or (dev.type == "cuda" and NATIVE_CUDA)):
+        if not isinstance(seed, torch.Tensor):
+            seed = torch.tensor([seed], dtype=torch.int64)
+        return torch.ops.lora_kernels.native_dropout_mask(seed, shape[0], shape[1], p, dev)
+    return dropout_mask_torch(seed, shape, p, device)
+
+
+def dropout_mask_torch(seed: int | torch.Tensor, shape: tuple[int, int], p: float, device=None) -> torch.Tensor:
+    """`dropout_mask` computed with plain integer tensor ops (the definition, readable; slow)."""
     if isinstance(seed, torch.Tensor):
         seed = int(seed.item())
     M, K = shape

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from lora_kernels.backends import resolve_backend
-from lora_kernels.ops.lora_linear import lora_linear
+from lora_kernels.ops.lora_linear import _any_autocast, lora_linear
 
 logger = logging.getLogger("lora_kernels.peft")
 
@@ -69,16 +69,23 @@ def _peft_lora():
 class PatchReport:
     """What `patch_peft` did.
 
-    patched: number of LoRA layers that now run the fused op.
+    patched: qualified names of the LoRA layers that now run the fused op.
     skipped: qualified module name -> why the layer keeps PEFT's forward.
-    patched_layers: qualified names of the patched layers.
+    num_patched / num_skipped: their counts.
     """
-    patched: int = 0
+    patched: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
-    patched_layers: list[str] = field(default_factory=list)
+
+    @property
+    def num_patched(self) -> int:
+        return len(self.patched)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
 
     def __str__(self) -> str:
-        lines = [f"lora_kernels: {self.patched} LoRA layer(s) fused, {len(self.skipped)} kept on PEFT's forward"]
+        lines = [f"lora_kernels: {self.num_patched} LoRA layer(s) fused, {self.num_skipped} kept on PEFT's forward"]
         for reason, names in _group_by_reason(self.skipped).items():
             lines.append(f"  {len(names)} x {reason}: {_abbrev(names)}")
         return "\n".join(lines)
@@ -100,31 +107,42 @@ def _abbrev(names: list[str], k: int = 3) -> str:
 # adapter reasons depend on one adapter's configuration (checked at patch time and at every call).
 # ----------------------------------------------------------------------------------------------------
 
+# Both run on every call of a patched layer: they read submodules, parameters and hooks through the module
+# dicts (nn.Module.__getattr__ costs ~1 µs a lookup, and a missing attribute a raised exception).
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or "_hf_hook" in m.__dict__)
+
+
 def _static_reason(layer: nn.Module) -> str:
-    base = layer.base_layer
+    base = layer._modules["base_layer"]
     if type(base) is not nn.Linear:  # quantised / custom linears subclass nn.Linear: exact type on purpose
         return f"base layer is {type(base).__name__}, not a plain nn.Linear"
-    if getattr(layer, "fan_in_fan_out", False):
+    if layer.__dict__.get("fan_in_fan_out", False):
         return "fan_in_fan_out=True is not supported"
-    if base._forward_hooks or base._forward_pre_hooks or getattr(base, "_hf_hook", None) is not None:
+    if _hooked(base):
         return "base layer has forward hooks (e.g. accelerate offload, fully_shard on the nn.Linear), " \
                "which the fused op would bypass"
     return ""
 
 
 def _adapter_reason(layer: nn.Module, name: str) -> str:
-    if getattr(layer, "use_dora", {}).get(name, False):
+    d = layer.__dict__
+    if d.get("use_dora", {}).get(name, False):
         return "DoRA (use_dora=True) is not supported"
-    if getattr(layer, "lora_bias", {}).get(name, False):
+    if d.get("lora_bias", {}).get(name, False):
         return "lora_bias=True is not supported"
-    if name in getattr(layer, "lora_variant", {}):
-        return f"LoRA variant {type(layer.lora_variant[name]).__name__} is not supported"
-    if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
-        return f"lora_dropout is {type(layer.lora_dropout[name]).__name__}"
-    for sub in (layer.lora_A[name], layer.lora_B[name]):
-        if type(sub) is not nn.Linear or sub.bias is not None:
+    variants = d.get("lora_variant", {})
+    if name in variants:
+        return f"LoRA variant {type(variants[name]).__name__} is not supported"
+    mods = d["_modules"]
+    drop = mods["lora_dropout"]._modules[name]
+    if not isinstance(drop, (nn.Dropout, nn.Identity)):
+        return f"lora_dropout is {type(drop).__name__}"
+    for sub in (mods["lora_A"]._modules[name], mods["lora_B"]._modules[name]):
+        if type(sub) is not nn.Linear or sub._parameters.get("bias") is not None:
             return f"lora_A/lora_B of adapter {name!r} are not bias-free nn.Linear"
-        if sub._forward_hooks or sub._forward_pre_hooks or getattr(sub, "_hf_hook", None) is not None:
+        if _hooked(sub):
             return f"lora_A/lora_B of adapter {name!r} have forward hooks, which the fused op would bypass"
     return ""
 
@@ -162,22 +180,83 @@ def _fallback_forward(layer: nn.Module, reason: str, x: torch.Tensor, *args: Any
     return _LORA.Linear.forward(layer, x, *args, **kwargs)
 
 
+def _fast_call(self, x: torch.Tensor):
+    """The common call -- one active plain LoRA adapter, no hooks, no autocast, x in the weight's dtype -- or
+    None for everything else, which `_general_forward` sorts out (with the reason it logs). Every check of
+    `_general_forward` is made here too, reading PEFT's state at every call but through the instance and
+    module dicts: each `nn.Module.__getattr__` costs ~1 µs, ~10 of them more than the op itself at decode
+    sizes. PEFT attribute names that change in a future release only send calls down the general path."""
+    d = self.__dict__
+    try:
+        if d["_disable_adapters"] or d["merged_adapters"]:
+            return None
+        name = d["_active_adapter"]
+        if type(name) is not str:
+            if len(name) != 1:
+                return None
+            name = name[0]
+        mods = d["_modules"]
+        A_mod = mods["lora_A"]._modules.get(name)
+        base = mods["base_layer"]
+        if A_mod is None or type(base) is not nn.Linear or d.get("fan_in_fan_out") or _hooked(base):
+            return None
+        if d["use_dora"].get(name) or d["lora_bias"].get(name) or name in d["lora_variant"]:
+            return None
+        B_mod = mods["lora_B"]._modules[name]
+        drop = mods["lora_dropout"]._modules[name]
+        if type(A_mod) is not nn.Linear or type(B_mod) is not nn.Linear or _hooked(A_mod) or _hooked(B_mod):
+            return None
+        bp, Ap, Bp = base._parameters, A_mod._parameters, B_mod._parameters
+        weight, bias, A, B = bp["weight"], bp["bias"], Ap["weight"], Bp["weight"]
+        if Ap["bias"] is not None or Bp["bias"] is not None:
+            return None
+    except (KeyError, AttributeError, TypeError):
+        return None
+    if type(drop) is nn.Dropout:
+        p = drop.p
+    elif type(drop) is nn.Identity:
+        p = 0.0
+    else:
+        return None
+    if x.dtype != weight.dtype or (_any_autocast() and torch.is_autocast_enabled(x.device.type)):
+        return None
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    backend = d.get(_BACKEND_ATTR)
+    if backend not in (None, "torch") and A.dtype != x.dtype and A.dtype != torch.float32:
+        return None
+    return lora_linear(x, weight, bias, A, B, self.scaling[name], p, drop.training, backend=backend)
+
+
 def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if not args and not kwargs:
+        y = _fast_call(self, x)
+        if y is not None:
+            return y
+    return _general_forward(self, x, *args, **kwargs)
+
+
+def _general_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     lora = _LORA  # imported by _fused_class before any instance exists
-    if args or any(k != "adapter_names" for k in kwargs):
-        return _fallback_forward(self, "the call passes extra forward arguments "
-                                 f"({len(args)} positional, keywords {sorted(kwargs)})", x, *args, **kwargs)
-    adapter_names = kwargs.get("adapter_names")
+    if args or kwargs:
+        if args or any(k != "adapter_names" for k in kwargs):
+            return _fallback_forward(self, "the call passes extra forward arguments "
+                                     f"({len(args)} positional, keywords {sorted(kwargs)})", x, *args, **kwargs)
+        adapter_names = kwargs["adapter_names"]
+    else:
+        adapter_names = None
     if self.disable_adapters or (self.merged and adapter_names is None):
         # PEFT's own branch: base_layer(x) (unmerging first when disabled); no LoRA math to fuse.
         return lora.Linear.forward(self, x, **kwargs)
     if adapter_names is not None:
         return _mixed_batch_forward(self, x, adapter_names)
-    base = self.base_layer
+    mods = self._modules
+    base = mods["base_layer"]
     reason = _static_reason(self)
     if reason:
         return _fallback_forward(self, reason, x)
-    active = [a for a in self.active_adapters if a in self.lora_A]
+    adapters_A = mods["lora_A"]._modules
+    active = [a for a in self.active_adapters if a in adapters_A]
     if not active:
         return base(x)  # PEFT skips active adapters this layer does not have
     if len(active) > 1:
@@ -186,14 +265,19 @@ def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
     reason = _adapter_reason(self, name)
     if reason:
         return _fallback_forward(self, reason, x)
-    weight, bias = base.weight, base.bias
+    try:  # through the module dicts: see _static_reason
+        weight, bias = base._parameters["weight"], base._parameters["bias"]
+        A = adapters_A[name]._parameters["weight"]
+        B = mods["lora_B"]._modules[name]._parameters["weight"]
+    except KeyError:  # e.g. parametrized weights
+        weight, bias = base.weight, base.bias
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         return _fallback_forward(self, "the base layer's weight/bias requires grad (the fused op computes no "
                                  "gradient for them)", x)
-    A, B = self.lora_A[name].weight, self.lora_B[name].weight
-    drop = self.lora_dropout[name]
+    drop = mods["lora_dropout"]._modules[name]
     p = drop.p if isinstance(drop, nn.Dropout) else 0.0
-    backend = getattr(self, _BACKEND_ATTR, None)
+    backend = self.__dict__.get(_BACKEND_ATTR)
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         # What autocast does to PEFT's layer: base GEMM in the autocast dtype. The LoRA path stays in the
@@ -208,8 +292,8 @@ def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
     if x.dtype != weight.dtype:
         return _fallback_forward(self, f"input dtype {x.dtype} differs from the base weight dtype "
                                  f"{weight.dtype} outside autocast", x)
-    if A.dtype not in (x.dtype, torch.float32) and resolve_backend(backend, x.device) != "torch":
-        return _fallback_forward(self, f"the Triton / native kernels need adapter weights in the input dtype "
+    if backend not in (None, "torch") and A.dtype not in (x.dtype, torch.float32):
+        return _fallback_forward(self, f"backend={backend!r} needs adapter weights in the input dtype "
                                  f"({x.dtype}) or float32, got {A.dtype}", x)
     return lora_linear(x, weight, bias, A, B, self.scaling[name], p, drop.training, backend=backend)
 
@@ -274,10 +358,28 @@ def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> tor
     index = {a: i for i, a in enumerate(slots)}
     seq_slots = [index.get(a, -1) for a in adapter_names]
     tokens_per_sample = x[0].numel() // x.shape[-1] if x.dim() > 1 and x.shape[0] > 0 else 1
-    batch = ops.LoRABatch.from_sequences(torch.tensor(seq_slots, dtype=torch.int32, device=x.device),
-                                         tokens_per_sample, len(slots), check=False)  # ids from `index`
+    batch = ops.LoRABatch.from_sequences(_slot_ids(tuple(seq_slots), x.device), tokens_per_sample, len(slots),
+                                         check=False)  # ids from `index`: valid by construction
     return ops.multi_lora_linear(x, weight, bias, A_stack, B_stack, scalings, batch, ranks=ranks,
                                  backend=backend)
+
+
+_SLOT_IDS: dict = {}  # (slot ids, device) -> int32 tensor on the device: built once, shared by every layer
+
+
+def _slot_ids(seq_slots: tuple, device: torch.device) -> torch.Tensor:
+    """The per-sample slot ids as a device tensor. Every layer of a forward (and every decode step of
+    `generate`) asks for the same ids: one host-to-device copy in all instead of a blocking one per layer."""
+    key = (seq_slots, device)
+    t = _SLOT_IDS.get(key)
+    if t is None:
+        if len(_SLOT_IDS) >= 64:  # a handful of batch compositions are live at a time
+            _SLOT_IDS.clear()
+        t = torch.tensor(seq_slots, dtype=torch.int32)
+        if device.type == "cuda":
+            t = t.pin_memory().to(device, non_blocking=True)
+        _SLOT_IDS[key] = t
+    return t
 
 
 @torch.no_grad()
@@ -374,12 +476,11 @@ def patch_peft(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
             continue
         module.__class__ = fused
         setattr(module, _BACKEND_ATTR, backend)
-        report.patched += 1
-        report.patched_layers.append(name)
+        report.patched.append(name)
     if report.skipped:
         logger.warning("%s", report)
     else:
-        logger.info("lora_kernels: %d LoRA layer(s) fused", report.patched)
+        logger.info("lora_kernels: %d LoRA layer(s) fused", report.num_patched)
     return report
 
 

@@ -58,12 +58,21 @@ def lora_linear_backward(dy, x, weight, lora_A, lora_B, scaling, keep_mask=None,
 
 
 # ====================================================================================================
-# Multi-adapter (serving): one adapter slot per token. Plain per-token loops, the spec for
+# Multi-adapter: one adapter slot per token. Plain per-token loops, the spec for
 # lora_kernels/ops/multi_lora.py.
 #
 #   A_stacks[i]: [L, R, in], B_stacks[i]: [L, out_i, R], scalings: [L], ranks: [L] (None = R),
 #   token_adapter: [T] with -1 = no adapter; r_l = clamp(ranks[l], 0, R).
-#   S[t, i·R + j] = x[t] · A_i[l, j] (j < r_l), y[t, c_i + n] += s_l · Σ_{j<r_l} S[t, i·R + j] B_i[l, n, j]
+#   Dropout (optional): keep_mask m [T, in] (bool) and per-slot probabilities dropout_p [L];
+#   x̂[t] = x[t] ⊙ m[t] / (1 - p_l) for l = token_adapter[t] (x̂ = x without dropout).
+#   S[t, i·R + j] = x̂[t] · A_i[l, j] (j < r_l), y[t, c_i + n] += s_l · Σ_{j<r_l} S[t, i·R + j] B_i[l, n, j]
+#
+#   backward with G = dy, c_i = Σ_{k<i} out_k, for tokens t of slot l >= 0 and j < r_l:
+#   dS[t, i·R + j] = s_l · Σ_n G[t, c_i + n] B_i[l, n, j]
+#   dB_i[l, n, j]  = s_l · Σ_{t of l} G[t, c_i + n] S[t, i·R + j]
+#   dA_i[l, j, k]  = Σ_{t of l} dS[t, i·R + j] x̂[t, k]
+#   dx[t]          = G[t] W0 + (Σ_i Σ_{j<r_l} dS[t, i·R + j] A_i[l, j]) ⊙ m[t] / (1 - p_l)
+#   Everything else of dA / dB is 0 (rows past r_l, slots without tokens); a -1 token has dx[t] = G[t] W0.
 # ====================================================================================================
 
 def _multi_ranks(ranks, L: int, R: int) -> list[int]:
@@ -72,12 +81,33 @@ def _multi_ranks(ranks, L: int, R: int) -> list[int]:
     return [min(max(int(r), 0), R) for r in torch.as_tensor(ranks).tolist()]
 
 
-def multi_lora_shrink(x, A_stacks, token_adapter, ranks=None):
+def _slot_probs(dropout_p, L: int) -> list[float]:
+    if dropout_p is None:
+        return [0.0] * L
+    p = torch.as_tensor(dropout_p, dtype=torch.float64).tolist()
+    return p if isinstance(p, list) else [p] * L
+
+
+def multi_lora_x_hat(x, token_adapter, keep_mask=None, dropout_p=None):
+    """x̂ [T, in] in x's dtype: row t is x[t] ⊙ m[t] / (1 - p_l) for its slot l (x[t] when l < 0 or no mask)."""
+    if keep_mask is None:
+        return x
+    ta = torch.as_tensor(token_adapter).tolist()
+    ps = _slot_probs(dropout_p, max(ta, default=-1) + 1)
+    out = x.clone()
+    for t, l in enumerate(ta):
+        if l >= 0:
+            out[t] = x[t] * keep_mask[t].to(x.dtype) / (1.0 - ps[l])
+    return out
+
+
+def multi_lora_shrink(x, A_stacks, token_adapter, ranks=None, keep_mask=None, dropout_p=None):
     """S [T, NS·R] in the compute dtype; rows of -1 tokens and columns past a slot's rank are 0."""
     A_stacks = [A_stacks] if isinstance(A_stacks, torch.Tensor) else list(A_stacks)
     dt = _compute_dtype(x, *A_stacks)
     L, R, _ = A_stacks[0].shape
     rk = _multi_ranks(ranks, L, R)
+    x = multi_lora_x_hat(x, token_adapter, keep_mask, dropout_p)
     S = torch.zeros(x.shape[0], len(A_stacks) * R, dtype=dt, device=x.device)
     for t, l in enumerate(torch.as_tensor(token_adapter).tolist()):
         if l < 0:
@@ -87,11 +117,11 @@ def multi_lora_shrink(x, A_stacks, token_adapter, ranks=None):
     return S
 
 
-def multi_lora_delta(x, A_stacks, B_stacks, scalings, token_adapter, ranks=None):
+def multi_lora_delta(x, A_stacks, B_stacks, scalings, token_adapter, ranks=None, keep_mask=None, dropout_p=None):
     """The LoRA term [T, Σ out_i] that multi-adapter expand adds to y."""
     A_stacks = [A_stacks] if isinstance(A_stacks, torch.Tensor) else list(A_stacks)
     B_stacks = [B_stacks] if isinstance(B_stacks, torch.Tensor) else list(B_stacks)
-    S = multi_lora_shrink(x, A_stacks, token_adapter, ranks)
+    S = multi_lora_shrink(x, A_stacks, token_adapter, ranks, keep_mask, dropout_p)
     return multi_lora_expand_delta(S, B_stacks, scalings, token_adapter, ranks)
 
 
@@ -116,10 +146,47 @@ def multi_lora_expand_delta(S, B_stacks, scalings, token_adapter, ranks=None):
     return out
 
 
-def multi_lora_linear_forward(x, weight, bias, A_stacks, B_stacks, scalings, token_adapter, ranks=None):
-    """y = x W0ᵀ + b + the per-token LoRA term, in the compute dtype (x: [T, in])."""
+def multi_lora_linear_forward(x, weight, bias, A_stacks, B_stacks, scalings, token_adapter, ranks=None,
+                              keep_mask=None, dropout_p=None):
+    """y = x W0ᵀ + b + the per-token LoRA term (of x̂ when keep_mask is given), in the compute dtype (x: [T, in])."""
     dt = _compute_dtype(x, weight)
     y = x.to(dt) @ weight.to(dt).T
     if bias is not None:
         y = y + bias.to(dt)
-    return y + multi_lora_delta(x, A_stacks, B_stacks, scalings, token_adapter, ranks).to(dt)
+    return y + multi_lora_delta(x, A_stacks, B_stacks, scalings, token_adapter, ranks, keep_mask, dropout_p).to(dt)
+
+
+def multi_lora_linear_backward(dy, x, weight, A_stacks, B_stacks, scalings, token_adapter, ranks=None,
+                               keep_mask=None, dropout_p=None):
+    """(dx [T, in], [dA_i [L, R, in]], [dB_i [L, out_i, R]]) by the per-token formulas above, in the compute
+    dtype. keep_mask: [T, in] bool or None; dropout_p: [L] per-slot probabilities (or one float)."""
+    A_stacks = [A_stacks] if isinstance(A_stacks, torch.Tensor) else list(A_stacks)
+    B_stacks = [B_stacks] if isinstance(B_stacks, torch.Tensor) else list(B_stacks)
+    dt = _compute_dtype(dy, x, weight, *A_stacks, *B_stacks)
+    G, x, weight = dy.to(dt), x.to(dt), weight.to(dt)
+    A_stacks, B_stacks = [a.to(dt) for a in A_stacks], [b.to(dt) for b in B_stacks]
+    L, R, _ = A_stacks[0].shape
+    rk = _multi_ranks(ranks, L, R)
+    sc = torch.as_tensor(scalings, dtype=torch.float64).tolist()
+    sc = sc if isinstance(sc, list) else [sc] * L
+    ps = _slot_probs(dropout_p, L)
+    dx = G @ weight
+    dA = [torch.zeros_like(a) for a in A_stacks]
+    dB = [torch.zeros_like(b) for b in B_stacks]
+    for t, l in enumerate(torch.as_tensor(token_adapter).tolist()):
+        if l < 0:
+            continue
+        r, s = rk[l], sc[l]
+        keep = 1.0 if keep_mask is None else keep_mask[t].to(dt) / (1.0 - ps[l])
+        x_hat = x[t] * keep
+        col, lora_dx = 0, torch.zeros_like(x[t])
+        for i, (A, B) in enumerate(zip(A_stacks, B_stacks)):
+            g = G[t, col:col + B.shape[1]]
+            col += B.shape[1]
+            S = A[l, :r] @ x_hat                       # [r]
+            dS = s * (B[l, :, :r].T @ g)               # [r]
+            dB[i][l, :, :r] += s * torch.outer(g, S)
+            dA[i][l, :r] += torch.outer(dS, x_hat)
+            lora_dx += A[l, :r].T @ dS
+        dx[t] += lora_dx * keep
+    return dx, dA, dB

@@ -41,7 +41,7 @@ def build_model():
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     model = get_peft_model(model, lcfg)
     report = lora_kernels.patch_peft(model, backend="torch")
-    assert report.patched == 14 and not report.skipped, report
+    assert report.num_patched == 14 and not report.skipped, report
     return model
 
 

@@ -124,7 +124,7 @@ dtype_id = lambda d: str(d).replace("torch.", "")
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2], ids=["p0", "p0.2"])
 def test_dtypes(device, backend, dtype, lora_fp32, dropout_p):
     if lora_fp32 and dtype == torch.float32:
-        pytest.skip("same as lora=x for float32 activations")
+        pytest.skip("float32 adapters with float32 activations: the lora=x case of this test, already run")
     check_backend(backend, device, 37, 50, 70, 6, dtype, torch.float32 if lora_fp32 else None, dropout_p)
 
 
@@ -439,3 +439,13 @@ def test_opcheck_registered_ops():
     S = torch.randn(5, 3)
     torch.library.opcheck(torch.ops.lora_kernels.lora_linear_bwd.default,
                           (dy, x, W, A.detach(), B.detach(), S, 0.5, 0.1, new_seed(), True, True, False, "torch"))
+
+
+@pytest.mark.parametrize("M,K,p", [(5, 7, 0.3), (0, 4, 0.1), (33, 130, 0.9), (3, 1, 0.5)])
+def test_dropout_mask_is_the_definition(M, K, p):
+    """lk.dropout_mask (the extension's generator when built) gives the bits of the plain-torch definition."""
+    from lora_kernels.dropout import dropout_mask_torch
+    seed = new_seed()
+    got = lk.dropout_mask(seed, (M, K), p)
+    assert got.dtype == torch.bool and got.shape == (M, K)
+    assert torch.equal(got, dropout_mask_torch(seed, (M, K), p))

@@ -37,7 +37,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=gpu)]
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
           pytest.param(torch.float16, id="fp16")]
 # (atol, rtol) of multi-adapter outputs vs. the float64 reference, for O(1) values (as test_multi_lora.py).
-MULTI_TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
+MULTI_TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 2e-2), torch.float16: (4e-3, 4e-3),
+             torch.float64: (1e-12, 1e-12)}
 
 
 def _poison_allocator(device: str, nbytes: int) -> None:
@@ -49,19 +50,76 @@ def _poison_allocator(device: str, nbytes: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The dropout mask: bit-identical to lora_kernels.dropout (Philox-4x32-10, 4 columns per call)
+# The dropout ops: masks bit-identical to lora_kernels/dropout.py's pure-torch Philox (4 columns per call)
 # ---------------------------------------------------------------------------------------------------
+
+def torch_mask(seed, shape, p):
+    """The keep-mask [M, K] from dropout.py's integer tensor ops (never the extension, whatever dropout_mask uses)."""
+    M, K = shape
+    return _mask_rows(int(seed), torch.arange(M), K, p)
+
+
+# Seeds at the ends of the 64-bit key (a negative int64 is the key's two's complement, as in dropout.py) and p at
+# the ends of [0, 1): the threshold's extremes.
+SEEDS_PS = [(new_seed(), 0.3), (torch.tensor([2**62 - 1]), 0.5), (torch.tensor([2**32 + 7]), 0.9),
+            (torch.tensor([2**63 - 1]), 0.1), (torch.tensor([-5]), 0.7), (new_seed(), 1e-9), (new_seed(), 0.0),
+            (new_seed(), 1 - 2**-30)]
+# K < 4, odd K, K around the CPU generator's 256-column chunks and its 16-group (64-column) steps; M = 0.
+MASK_SHAPES = [(0, 5), (3, 0), (1, 1), (5, 2), (4, 3), (3, 5), (7, 8), (13, 70), (3, 255), (3, 257), (2, 513),
+               (4, 1027), (130, 33)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("M,K", MASK_SHAPES, ids=lambda v: str(v))
+def test_dropout_mask_op_bit_identical(device, M, K):
+    for seed, p in SEEDS_PS:
+        keep = ops.native_dropout_mask(seed, M, K, p, None if device == "cpu" else torch.device(device))
+        assert keep.dtype == torch.bool and keep.shape == (M, K) and keep.device.type == device
+        assert torch.equal(keep.cpu(), torch_mask(seed, (M, K), p)), f"mask differs for seed={int(seed)} p={p}"
+
+
+def test_dropout_mask_op_threads_and_isa():
+    """The chunks of a large mask spread over threads give the same bits; the portable generator
+    (LORA_KERNELS_CPU_ISA=scalar, the path of CPUs without AVX2) gives the same bits as the vector one."""
+    assert NATIVE.CPU_DROPOUT_ISA in ("avx2", "scalar")
+    seed, M, K = new_seed(), 37, 3001
+    before = torch.get_num_threads()
+    try:
+        masks = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            masks.append(ops.native_dropout_mask(seed, M, K, 0.4))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(masks[0], masks[1]) and torch.equal(masks[0], torch_mask(seed, (M, K), 0.4))
+    code = (
+        "import torch, lora_kernels as lk\n"
+        "from lora_kernels.backends import NATIVE\n"
+        "from lora_kernels.dropout import philox4x32, keep_threshold\n"
+        "assert NATIVE.CPU_DROPOUT_ISA == 'scalar', NATIVE.CPU_DROPOUT_ISA\n"
+        "seed, M, K, p = 2**62 - 3, 9, 1027, 0.3\n"
+        "K4 = (K + 3) // 4\n"
+        "bits = torch.stack(philox4x32(seed, torch.arange(M * K4).view(M, K4)), -1).view(M, 4 * K4)[:, :K]\n"
+        "ref = (bits >> 1) >= keep_threshold(p)\n"
+        "s = torch.tensor([seed])\n"
+        "assert torch.equal(torch.ops.lora_kernels.native_dropout_mask(s, M, K, p), ref)\n"
+        "x = torch.randn(M, K)\n"
+        "assert torch.equal(torch.ops.lora_kernels.native_dropout(x, p, s) != 0, ref & (x != 0))\n"
+        "print('ok')\n")
+    env = dict(os.environ, LORA_KERNELS_CPU_ISA="scalar")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 8), (13, 70), (4, 1027), (2, 3, 6)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_dropout_mask_bit_identical(device, shape):
     M, K = math.prod(shape[:-1]), shape[-1]
-    for seed, p in [(new_seed(), 0.3), (torch.tensor([2**62 - 1]), 0.5), (torch.tensor([2**32 + 7]), 0.9),
-                    (new_seed(), 1e-9), (new_seed(), 0.0)]:
+    for seed, p in SEEDS_PS:
         x = torch.ones(shape, device=device)
         out = ops.native_dropout(x, p, seed)
-        keep = lk.dropout_mask(seed, (M, K), p).view(shape)
+        keep = torch_mask(seed, (M, K), p).view(shape)
         assert torch.equal((out != 0).cpu(), keep), f"mask differs for seed={int(seed)} p={p}"
         assert torch.equal(out.cpu()[keep], torch.full((int(keep.sum()),), 1 / (1 - p)))
 
@@ -73,11 +131,91 @@ def test_dropout_values_and_gradient(device, dtype):
     x = torch.randn(37, 29, device=device).to(dtype)[:, 3:]  # non-contiguous
     out = ops.native_dropout(x, p, seed)
     assert out.dtype == dtype and out.shape == x.shape
-    expected = x.double().cpu() * lk.dropout_mask(seed, (37, 26), p) / (1 - p)
+    expected = x.double().cpu() * torch_mask(seed, (37, 26), p) / (1 - p)
     assert_close_to_ref(out, expected, dtype, "x̂")
     xg = x.detach().float().requires_grad_()
     ops.native_dropout(xg, p, seed).backward(torch.ones_like(xg))
-    assert torch.equal((xg.grad != 0).cpu(), lk.dropout_mask(seed, (37, 26), p))
+    assert torch.equal((xg.grad != 0).cpu(), torch_mask(seed, (37, 26), p))
+
+
+def _strided_views(device):
+    """(name, x): x viewed as [numel / K, K] by logical index whatever its strides."""
+    base = torch.randn(6, 10, 14, device=device)
+    return [("column-slice", base[:, :, 3:12]), ("transposed", base[0].t()), ("permuted", base.permute(2, 0, 1)),
+            ("stride-2-last", base[:, :, ::2]), ("expanded", torch.randn(1, 9, device=device).expand(5, 9)),
+            ("0-d", torch.tensor(1.5, device=device)), ("empty", base[:, :0])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_strided_x_and_dtype(device):
+    """Any strides in; a contiguous x̂ out in `dtype` (x's by default); the mask of the logical [numel / K, K]."""
+    seed, p = new_seed(), 0.35
+    for name, x in _strided_views(device):
+        K = x.shape[-1] if x.dim() else 1
+        keep = torch_mask(seed, (x.numel() // max(K, 1) if K else 0, K), p).view(x.shape)
+        for dtype in (None, torch.float32, torch.float64, torch.bfloat16):
+            if device == "cuda" and dtype == torch.float64:
+                continue  # the CUDA kernels take fp16/bf16/fp32
+            out = ops.native_dropout(x, p, seed, dtype)
+            want = x.dtype if dtype is None else dtype
+            assert out.dtype == want and out.shape == x.shape and out.is_contiguous(), name
+            expected = x.double().cpu() * keep / (1 - p)
+            assert_close_to_ref(out, expected, want if want != torch.float64 else torch.float32, f"{name} {dtype}")
+            assert torch.equal((out != 0).cpu(), keep & (x != 0).cpu()), f"{name} {dtype}: mask"
+
+
+OUT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("t_dtype", [torch.float32, torch.float64], ids=["t=fp32", "t=fp64"])
+def test_dropout_add(device, out_dtype, t_dtype):
+    """out += t ⊙ m / (1 - p): computed in promote(out, t), rounded once into out; mask of t's [M, K] view."""
+    seed, p = new_seed(), 0.3
+    for M, K, strided in [(37, 29, False), (5, 1027, False), (3, 3, False), (0, 8, False), (19, 70, True)]:
+        g = torch.Generator().manual_seed(M * K)
+        t = torch.randn(M, K, generator=g, dtype=torch.float64).to(device, t_dtype)
+        out0 = torch.randn(M, K, generator=g).to(device, out_dtype)
+        out = out0.clone()
+        if strided:  # out and t as column slices / a transposed copy: any strides
+            out = torch.zeros(K, M + 3, dtype=out_dtype, device=device)[:, 1:M + 1].t()
+            out.copy_(out0)
+            t = t.t().contiguous().t()
+        ops.native_dropout_add_(out, t, p, seed)
+        acc = torch.promote_types(torch.promote_types(out_dtype, t_dtype), torch.float32)
+        keep = torch_mask(seed, (M, K), p).to(device)
+        expected = (out0.to(acc) + t.to(acc) * (keep.to(acc) * (1 / (1 - p)))).to(out_dtype)
+        torch.testing.assert_close(out, expected, rtol=0 if out_dtype == torch.float64 else None,
+                                   atol=0 if out_dtype == torch.float64 else None, msg=lambda m: f"{M}x{K}: {m}")
+        ones = torch.zeros(M, K, dtype=out_dtype, device=device)
+        ops.native_dropout_add_(ones, torch.ones(M, K, dtype=t_dtype, device=device), p, seed)
+        assert torch.equal((ones != 0).cpu(), keep.cpu()), f"{M}x{K}: mask"
+
+
+def test_dropout_op_errors():
+    seed = new_seed()
+    with pytest.raises(RuntimeError, match=r"dropout_add_: t must have out's shape \[4, 5\], got \[4, 6\]"):
+        ops.native_dropout_add_(torch.zeros(4, 5), torch.zeros(4, 6), 0.1, seed)
+    with pytest.raises(RuntimeError, match="dropout_add_: t must be float32 or float64, got BFloat16"):
+        ops.native_dropout_add_(torch.zeros(4, 5), torch.zeros(4, 5, dtype=torch.bfloat16), 0.1, seed)
+    with pytest.raises(RuntimeError, match="dropout_add_: out must be float16, bfloat16, float32 or float64"):
+        ops.native_dropout_add_(torch.zeros(4, 5, dtype=torch.int32), torch.zeros(4, 5), 0.1, seed)
+    with pytest.raises(RuntimeError, match="unsupported operation"):  # out overlapping itself
+        ops.native_dropout_add_(torch.zeros(1, 5).expand(4, 5), torch.zeros(4, 5), 0.1, seed)
+    with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\)"):
+        ops.native_dropout_add_(torch.zeros(4, 5), torch.zeros(4, 5), 1.0, seed)
+    with pytest.raises(RuntimeError, match="seed must be None or a CPU int64 tensor"):
+        ops.native_dropout_mask(torch.tensor([1.0]), 3, 4, 0.1)
+    with pytest.raises(RuntimeError, match="dropout_mask: M and K must be >= 0, got M=-1"):
+        ops.native_dropout_mask(seed, -1, 4, 0.1)
+    with pytest.raises(RuntimeError, match="x must be floating point"):
+        ops.native_dropout(torch.ones(3, dtype=torch.int32), 0.1, seed)
+    with pytest.raises(RuntimeError, match="dtype must be a floating-point dtype"):
+        ops.native_dropout(torch.ones(3), 0.1, seed, torch.int64)
+    if not NATIVE.WITH_CUDA:
+        with pytest.raises(RuntimeError, match="built without CUDA"):
+            ops.native_dropout_mask(seed, 3, 4, 0.1, torch.device("cuda"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -101,7 +239,7 @@ def make_inputs(M, K, N, R, dtype, lora_dtype=None, device="cpu", bias=True, x_n
 
 def reference_outputs(x, W, b, A, B, dy, scaling, p, seed):
     M, K = x.shape
-    mask = lk.dropout_mask(seed, (M, K), p) if seed is not None else None
+    mask = torch_mask(seed, (M, K), p) if seed is not None else None
     c = lambda t: None if t is None else t.detach().to(F64).cpu()
     y, S = ref.lora_linear_forward(c(x), c(W), c(b), c(A), c(B), scaling, mask, p)
     dx, dA, dB = ref.lora_linear_backward(c(dy), c(x), c(W), c(A), c(B), scaling, mask, p)
@@ -180,13 +318,15 @@ def test_lora_linear_partial_grads(device, need):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_kernel_mask_is_the_regenerated_mask(device):
-    """x = 1, A = I: S = x̂ Aᵀ is the mask / (1 - p), bit for bit; dx = (dS A) ⊙ m / (1 - p) uses it too."""
-    M, K, p = 45, 40, 0.3
+@pytest.mark.parametrize("M,K", [(45, 40), (9, 43), (3, 1040)], ids=["vector", "scalar", "2-tiles-1040-ranks"])
+def test_kernel_mask_is_the_regenerated_mask(device, M, K):
+    """x = 1, A = I: S = x̂ Aᵀ is the mask / (1 - p), bit for bit; dx = (dS A) ⊙ m / (1 - p) uses it too.
+    On a GPU: the shrink's vector and scalar fills, a K longer than one tile, ranks far beyond one per warp."""
+    p = 0.3
     seed = new_seed()
     x, A, B = torch.ones(M, K, device=device), torch.eye(K, device=device), torch.zeros(3, K, device=device)
     _, S = ops.native_lora_linear_fwd(x, torch.zeros(3, K, device=device), None, A, B, 1.0, p, seed)
-    keep = lk.dropout_mask(seed, (M, K), p)
+    keep = torch_mask(seed, (M, K), p)
     torch.testing.assert_close(S.cpu(), keep.float() / (1 - p), rtol=1e-6, atol=0)
     B = torch.ones(3, K, device=device)
     dx, _, _ = ops.native_lora_linear_bwd(torch.ones(M, 3, device=device), x, torch.zeros(3, K, device=device), A,
@@ -347,12 +487,39 @@ def test_multi_sorted_and_scattered_agree(device):
     torch.testing.assert_close(y_scat, y_sorted[perm.to(device)], atol=1e-5, rtol=1e-5)
 
 
-def test_multi_matches_torch_backend_exactly_on_cpu():
-    """The CPU kernels follow the torch backend's order of operations: identical fp32 results."""
-    x, A, B, W, bias, sc, rk, ta = _problem(torch.float32, T=29, widths=(24, 8))
-    batch = LoRABatch.from_token_adapters(ta, 6)
-    y_native = multi_lora_linear(x, W, bias, A, B, sc, batch, rk, backend="native")
-    assert torch.equal(y_native, multi_lora_linear(x, W, bias, A, B, sc, batch, rk, backend="torch"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+def test_multi_cpu_segment_paths(dtype):
+    """The CPU kernels run a slot's tokens as GEMMs when it has >= 8 of them (gathered, or one block when they are
+    consecutive) and per token otherwise; every path against the float64 reference, fused and split ops."""
+    # slot 0: 9 scattered tokens, slot 1: 8 consecutive, slot 2: 1 token, slot 3: 3, slot 4: 4 consecutive at the end,
+    # slot 5: none; -1 tokens in between.
+    ta = torch.tensor([0, 3, 0, 1, 1, 1, 1, 1, 1, 1, 1, -1, 0, 2, 0, 3, 0, -1, 0, 3, 0, 0, 0, 4, 4, 4, 4])
+    assert [int((ta == l).sum()) for l in range(6)] == [9, 8, 1, 3, 4, 0]
+    x, A, B, W, bias, sc, rk, _ = _problem(dtype, T=ta.numel(), widths=(24, 8), ranks=(12, 5, 7, 3, 9, 1))
+    bt = LoRABatch.from_token_adapters(ta, 6).op_args()  # the ops themselves: the Python layer refuses fp64
+    f64 = lambda t: t.double()
+    y = ops.native_multi_lora_linear(x, W, bias, A, B, sc, *bt, rk)
+    _close(y, ref.multi_lora_linear_forward(f64(x), f64(W), f64(bias), _f64(A), _f64(B), sc, ta, rk), dtype, "y")
+    S = ops.native_lora_shrink(x, A, *bt, rk)
+    _close(S, ref.multi_lora_shrink(f64(x), _f64(A), ta, rk), dtype, "S")
+    y0 = torch.randn(ta.numel(), 40).to(dtype)
+    y1 = y0.clone()
+    ops.native_lora_expand(S, B, *bt, y1, sc, rk, 5)
+    expected = f64(y0)
+    expected[:, 5:37] += ref.multi_lora_expand_delta(f64(S), _f64(B), sc, ta, rk)
+    _close(y1, expected, dtype, "expand y")
+
+
+def test_multi_cpu_rejects_inconsistent_batch():
+    """The CPU kernels read the grouping tensors on the host: ones that do not group token_adapter raise."""
+    x, A, B, W, bias, sc, rk, ta = _problem(torch.float32, T=12, widths=(8,), case="one")
+    ta_i, sid, ss, sl, *tiles = LoRABatch.from_token_adapters(ta, 6).op_args()
+    with pytest.raises(RuntimeError, match=r"do not cover the 12 tokens of slot 4"):
+        ops.native_lora_shrink(x, A, ta_i, sid, ss, torch.zeros_like(sl), *tiles, rk)
+    bad = sid.clone()
+    bad[1] = bad[0]
+    with pytest.raises(RuntimeError, match=r"sorted_token_ids\[1\]=0 is not a token of slot 4 or appears twice"):
+        ops.native_multi_lora_linear(x, W, bias, A, B, sc, ta_i, bad, ss, sl, *tiles, rk)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -380,6 +547,10 @@ def test_opcheck_lora_linear_ops():
             torch.library.opcheck(ops.native_lora_linear_bwd,
                                   (dy, x.detach(), W, A.detach(), B.detach(), S, 0.5, 0.25, s, *need))
     torch.library.opcheck(ops.native_dropout, (torch.randn(5, 6, requires_grad=True), 0.3, seed))
+    torch.library.opcheck(ops.native_dropout, (torch.randn(5, 6, requires_grad=True), 0.3, seed, torch.float64))
+    torch.library.opcheck(ops.native_dropout_add_, (torch.randn(5, 6, dtype=torch.bfloat16), torch.randn(5, 6), 0.3,
+                                                    seed))
+    torch.library.opcheck(ops.native_dropout_mask, (seed, 5, 7, 0.3))
 
 
 def test_opcheck_multi_ops():

@@ -84,13 +84,7 @@ def fused_op_calls(fn) -> dict[str, int]:
     return counts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tiny model's GEMMs gain nothing from threads, and on a shared machine OpenMP threads spin.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -122,7 +116,8 @@ def fused_calls(monkeypatch):
 
 def test_patch_report_ops_by_name_and_exact_unpatch():
     model, ref, report = peft_pair()
-    assert report.patched == N_LAYERS and report.skipped == {} and len(report.patched_layers) == N_LAYERS
+    assert report.num_patched == N_LAYERS and report.skipped == {} and report.num_skipped == 0
+    assert report.patched == [n for n, m in model.named_modules() if isinstance(m, peft_lora.LoraLayer)]
     fused = [m for m in model.modules() if isinstance(m, peft_lora.LoraLayer)]
     assert all(type(m) is peft_patch.FusedLoraLinear for m in fused) and len(fused) == N_LAYERS
     assert all(isinstance(m, peft_lora.Linear) for m in fused)  # PEFT's isinstance checks still hold
@@ -140,8 +135,8 @@ def test_patch_report_ops_by_name_and_exact_unpatch():
     assert {n: set(m.__dict__) for n, m in model.named_modules()} == keys_ref
     assert fused_op_calls(lambda: model(input_ids=x)) == {}
     # Patching twice is harmless and can change the backend.
-    assert lora_kernels.patch_peft(model).patched == N_LAYERS
-    assert lora_kernels.patch_peft(model, backend="torch").patched == N_LAYERS
+    assert lora_kernels.patch_peft(model).num_patched == N_LAYERS
+    assert lora_kernels.patch_peft(model, backend="torch").num_patched == N_LAYERS
     with pytest.raises(ValueError, match="backend must be one of"):
         lora_kernels.patch_peft(model, backend="cuda")
 
@@ -269,7 +264,7 @@ def test_follows_peft_state_disable_merge_switch_scale(caplog, fused_calls):
     ref = get_peft_model(tiny_llama(), lora_config())
     ref.add_adapter("other", lora_config(target_modules=["q_proj", "v_proj", "down_proj"], lora_alpha=5, r=3))
     model = copy.deepcopy(ref)
-    assert lora_kernels.patch_peft(model, backend="torch").patched == N_LAYERS
+    assert lora_kernels.patch_peft(model, backend="torch").num_patched == N_LAYERS
     model.eval(), ref.eval()
     x = ids()
 
@@ -348,7 +343,7 @@ def test_mixed_batch_adapter_names_runs_multi_lora_and_matches_peft(fused_calls)
 def test_unsupported_configs_are_skipped_with_a_reason(kw, reason, caplog):
     with caplog.at_level(logging.WARNING, logger="lora_kernels.peft"):
         model, ref, report = peft_pair(**kw)
-    assert report.patched == 0 and len(report.skipped) == N_LAYERS
+    assert report.num_patched == 0 and len(report.skipped) == N_LAYERS
     assert all(reason in r for r in report.skipped.values()), report.skipped
     assert len([r for r in caplog.records if "kept on PEFT's forward" in r.getMessage()]) == 1
     x = ids()
@@ -362,7 +357,7 @@ def test_non_linear_and_hooked_layers_are_skipped():
     q = layers[1].self_attn.q_proj
     q.forward = q.forward  # what accelerate's add_hook_to_module does: the class forward would never run
     report = lora_kernels.patch_peft(model, backend="torch")
-    assert report.patched == 2, report
+    assert report.num_patched == 2, report
     assert "Embedding" in report.skipped["base_model.model.model.embed_tokens"]
     assert "forward hooks" in report.skipped["base_model.model.model.layers.1.self_attn.v_proj"]
     assert "instance-level forward" in report.skipped["base_model.model.model.layers.1.self_attn.q_proj"]
@@ -373,7 +368,7 @@ def test_adapter_added_after_patching_falls_back_at_call_time(caplog):
     ref.add_adapter("dora", lora_config(target_modules=["q_proj", "v_proj"], use_dora=True))
     model = copy.deepcopy(ref)
     model.set_adapter("default")
-    assert lora_kernels.patch_peft(model, backend="torch").patched == 4
+    assert lora_kernels.patch_peft(model, backend="torch").num_patched == 4
     model.set_adapter("dora"), ref.set_adapter("dora")
     x = ids()
     with caplog.at_level(logging.WARNING, logger="lora_kernels.peft"):
@@ -413,7 +408,7 @@ def test_get_fused_peft_model_creates_fused_layers_directly():
     model = lora_kernels.get_fused_peft_model(tiny_llama(), lora_config(), backend="torch")
     layers = [m for m in model.modules() if isinstance(m, peft_lora.LoraLayer)]
     assert len(layers) == N_LAYERS and all(type(m) is peft_patch.FusedLoraLinear for m in layers)
-    assert model.lora_kernels_report.patched == N_LAYERS
+    assert model.lora_kernels_report.num_patched == N_LAYERS
     sd, sd_ref = model.state_dict(), ref.state_dict()
     assert list(sd) == list(sd_ref) and all(torch.equal(sd[k], sd_ref[k]) for k in sd)
     x = ids()
@@ -424,7 +419,7 @@ def test_get_fused_peft_model_creates_fused_layers_directly():
     # Targets that are not plain nn.Linear go to PEFT's own dispatchers (here: Embedding).
     cfg = lora_config(target_modules=["q_proj", "embed_tokens"])
     model = lora_kernels.get_fused_peft_model(tiny_llama(), cfg)
-    assert model.lora_kernels_report.patched == 2 and len(model.lora_kernels_report.skipped) == 1
+    assert model.lora_kernels_report.num_patched == 2 and len(model.lora_kernels_report.skipped) == 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -466,7 +461,7 @@ def test_triton_backend_under_interpreter_matches_peft(fused_calls):
     if "triton" not in lora_kernels.available_backends("cpu"):
         pytest.skip("backend 'triton' on CPU needs TRITON_INTERPRET=1 set before import (make test sets it)")
     model, ref, report = peft_pair(dropout=0.0, backend="triton", target_modules=["q_proj", "down_proj"])
-    assert report.patched == 4
+    assert report.num_patched == 4
     x = ids(batch=1, seq=5)
     logits, grads = loss_and_grads(model, x)
     assert fused_calls["lora_linear"] == 4

@@ -65,7 +65,10 @@ class LoRALinear(nn.Module):
 
     @classmethod
     def from_peft(cls, peft_layer: nn.Module, backend: Optional[str] = None) -> "LoRALinear":
-        """Build from a PEFT ``lora.Linear`` with one adapter, sharing (not copying) its parameters."""
+        """Build from a PEFT ``lora.Linear`` with one adapter, sharing (not copying) its parameters.
+
+        The base layer is frozen (``requires_grad_(False)``), as ``get_peft_model`` freezes it: the fused op
+        computes no gradient for W0 or its bias."""
         reason = unsupported_peft_reason(peft_layer)
         if reason:
             raise ValueError(f"cannot convert this PEFT layer: {reason}")
@@ -83,6 +86,8 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.ModuleDict({name: peft_layer.lora_A[name]})
         self.lora_B = nn.ModuleDict({name: peft_layer.lora_B[name]})
         self.merged_adapters = list(peft_layer.merged_adapters)
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
         return self
 
     @property
@@ -118,11 +123,21 @@ class LoRALinear(nn.Module):
         self.merged_adapters.remove(self.adapter_name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged_adapters:
             return self.base_layer(x)
-        return lora_linear(x, self.base_layer.weight, self.base_layer.bias,
-                           self.lora_A[self.adapter_name].weight, self.lora_B[self.adapter_name].weight,
-                           self.scaling[self.adapter_name], self.dropout_p, self.training, backend=self.backend)
+        # Submodules and parameters through the module dicts, not nn.Module.__getattr__ (~1 µs a lookup).
+        mods, name = self._modules, self.adapter_name
+        base = mods["base_layer"]
+        try:
+            weight, bias = base._parameters["weight"], base._parameters["bias"]
+            A = mods["lora_A"]._modules[name]._parameters["weight"]
+            B = mods["lora_B"]._modules[name]._parameters["weight"]
+        except KeyError:  # e.g. a parametrized weight
+            weight, bias = base.weight, base.bias
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        drop = mods["lora_dropout"]._modules[name]
+        return lora_linear(x, weight, bias, A, B, self.scaling[name], drop.p if isinstance(drop, nn.Dropout) else 0.0,
+                           self.training, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

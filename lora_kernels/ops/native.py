@@ -11,15 +11,33 @@ arguments minus `backend`:
     native_lora_linear_bwd(dy [M, out], x, weight, lora_A, lora_B, S, scaling, dropout_p, seed?,
                            need_dx, need_dA, need_dB) -> (dx [M, in], dA [r, in], dB [out, r])
         (a gradient not needed is an empty tensor; each gradient in its tensor's dtype)
-    native_dropout(x, dropout_p, seed) -> x̂ = x ⊙ m / (1 - p), m the mask of `lora_kernels.dropout` for x
-                   viewed as [numel / K, K], K = x.shape[-1]
+    native_dropout(x, dropout_p, seed, dtype=None) -> x̂ = x ⊙ m / (1 - p) as a new contiguous tensor in
+                   `dtype` (default x's), m the mask of `lora_kernels.dropout` for x viewed as [numel / K, K],
+                   K = x.shape[-1]; x of any strides
+    native_dropout_add_(out, t, dropout_p, seed) -> ()   out += t ⊙ m / (1 - p) in one pass, m the mask of t's
+                   [numel / K, K] view, computed in promote(out, t) and rounded once (out fp16/bf16/fp32/fp64,
+                   t fp32/fp64, one shape, any strides)
+    native_dropout_mask(seed, M, K, dropout_p, device=None) -> the bool keep-mask m [M, K] (on `device`, default CPU)
     native_lora_shrink(x [T, in], A_stacks, token_adapter, sorted_token_ids, seg_starts, seg_lens, tile_slot,
                        tile_start, tile_end, ranks?) -> S [T, NS·R] float32
     native_lora_expand(S, B_stacks, <the 7 LoRABatch tensors>, y, scalings, ranks?, y_offset) -> ()  (y += ...)
     native_multi_lora_linear(x, weight, bias?, A_stacks, B_stacks, scalings, <the 7 LoRABatch tensors>,
                              ranks?) -> y [T, out]
-        (semantics in lora_kernels/ops/multi_lora.py; the native kernels index tokens by token_adapter and do
-        not read the grouped metadata; inference only, no autograd)
+        (semantics in lora_kernels/ops/multi_lora.py; inference only, no autograd. The CPU kernels walk the
+        segments (sorted_token_ids, seg_starts, seg_lens, checked against token_adapter on the host): GEMMs for
+        slots with >= 8 tokens, per-token dot products below; the CUDA kernels index tokens by token_adapter and
+        read nothing on the host)
+    native_multi_lora_linear_fwd(<native_multi_lora_linear's arguments>, dropout [L]?, seed?)
+        -> (y [T, out], S = x̂ Aᵀ [T, NS·R] in promote(x, A, float32))
+    native_multi_lora_linear_bwd(dy [T, out], x, weight, A_stacks, B_stacks, S, scalings, <the 7 LoRABatch tensors>,
+                                 ranks?, dropout?, seed?, need_dx, need_dA, need_dB) -> (dx, [dA_i], [dB_i])
+        (training, CPU only: the CUDA kernels raise; a gradient not needed is an empty tensor / list. Per-slot
+        dropout p_l = dropout[l], active iff seed is given, the mask regenerated per gathered row; math and
+        conventions of the "bwd" in lora_kernels/ops/multi_lora.py)
+
+The CPU dropout ops generate the mask 8 Philox counters at a time with AVX2 when the CPU has it, chosen at run
+time (`lora_kernels._C.CPU_DROPOUT_ISA` says "avx2" or "scalar"; LORA_KERNELS_CPU_ISA=scalar forces the portable
+loop, which gives the same bits).
 
 Nothing is registered when the extension is not built (`lora_kernels.backends.NATIVE is None`).
 """
@@ -30,8 +48,9 @@ import torch
 from lora_kernels.backends import NATIVE
 
 # Ops this module expects the extension to define (the CUDA build check verifies each has a CUDA kernel).
-NATIVE_OPS = ("native_lora_linear_fwd", "native_lora_linear_bwd", "native_dropout", "native_lora_shrink",
-              "native_lora_expand", "native_multi_lora_linear")
+NATIVE_OPS = ("native_lora_linear_fwd", "native_lora_linear_bwd", "native_dropout", "native_dropout_add_",
+              "native_dropout_mask", "native_lora_shrink", "native_lora_expand", "native_multi_lora_linear",
+              "native_multi_lora_linear_fwd", "native_multi_lora_linear_bwd")
 
 
 def _lora_dtype(x: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype:
@@ -56,8 +75,18 @@ def _register() -> None:
                 lora_B.new_empty(lora_B.shape) if need_dB else lora_B.new_empty(0))
 
     @torch.library.register_fake(lib + "native_dropout")
-    def _(x, dropout_p, seed):
-        return x.new_empty(x.shape)
+    def _(x, dropout_p, seed, dtype=None):
+        return x.new_empty(x.shape, dtype=dtype or x.dtype)
+
+    @torch.library.register_fake(lib + "native_dropout_add_")
+    def _(out, t, dropout_p, seed):
+        torch._check(out.shape == t.shape, lambda: f"dropout_add_: t must have out's shape {tuple(out.shape)}, "
+                                                   f"got {tuple(t.shape)}")
+        return None
+
+    @torch.library.register_fake(lib + "native_dropout_mask")
+    def _(seed, M, K, dropout_p, device=None):
+        return torch.empty(M, K, dtype=torch.bool, device=device or "cpu")
 
     @torch.library.register_fake(lib + "native_lora_shrink")
     def _(x, A_stacks, token_adapter, sorted_token_ids, seg_starts, seg_lens, tile_slot, tile_start, tile_end,
@@ -74,6 +103,19 @@ def _register() -> None:
     def _(x, weight, bias, A_stacks, B_stacks, scalings, token_adapter, sorted_token_ids, seg_starts, seg_lens,
           tile_slot, tile_start, tile_end, ranks):
         return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake(lib + "native_multi_lora_linear_fwd")
+    def _(x, weight, bias, A_stacks, B_stacks, scalings, token_adapter, sorted_token_ids, seg_starts, seg_lens,
+          tile_slot, tile_start, tile_end, ranks, dropout, seed):
+        return (x.new_empty(x.shape[0], weight.shape[0]),
+                x.new_empty(x.shape[0], len(A_stacks) * A_stacks[0].shape[1], dtype=_lora_dtype(x, A_stacks[0])))
+
+    @torch.library.register_fake(lib + "native_multi_lora_linear_bwd")
+    def _(dy, x, weight, A_stacks, B_stacks, S, scalings, token_adapter, sorted_token_ids, seg_starts, seg_lens,
+          tile_slot, tile_start, tile_end, ranks, dropout, seed, need_dx, need_dA, need_dB):
+        return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
+                [a.new_empty(a.shape) for a in A_stacks] if need_dA else [],
+                [b.new_empty(b.shape) for b in B_stacks] if need_dB else [])
 
     # Autograd: the native forward is usable on its own (the Python op lora_linear_fwd has its own formula).
     def fwd_setup_context(ctx, inputs, output):
@@ -94,14 +136,38 @@ def _register() -> None:
 
     torch.library.register_autograd(lib + "native_lora_linear_fwd", fwd_backward, setup_context=fwd_setup_context)
 
+    # The multi-adapter training forward, differentiable on its own too (the Python op multi_lora_linear_fwd has
+    # its own formula): the native backward on the saved x, S and seed.
+    def multi_setup_context(ctx, inputs, output):
+        x, weight, _, A_stacks, B_stacks, scalings, *rest = inputs
+        bt, (ranks, dropout, seed) = rest[:7], rest[7:]
+        ctx.save_for_backward(x, weight, output[1], scalings, ranks, dropout, seed, *bt, *A_stacks, *B_stacks)
+        ctx.num_slices = len(A_stacks)
+
+    def multi_backward(ctx, dy, _dS):
+        x, weight, S, scalings, ranks, dropout, seed, *rest = ctx.saved_tensors
+        bt, stacks = rest[:7], rest[7:]
+        A_stacks, B_stacks = stacks[:ctx.num_slices], stacks[ctx.num_slices:]
+        needs = ctx.needs_input_grad  # lists for the stack arguments
+        need_dx, need_dA, need_dB = needs[0], any(needs[3]), any(needs[4])
+        dx, dA, dB = torch.ops.lora_kernels.native_multi_lora_linear_bwd(
+            dy, x, weight, A_stacks, B_stacks, S, scalings, *bt, ranks, dropout, seed, need_dx, need_dA, need_dB)
+        # A list of gradients (None where not needed) for each stack argument.
+        pick = lambda grads, need: [g if n else None for g, n in zip(grads or [None] * len(need), need)]  # noqa: E731
+        return (dx if need_dx else None, None, None, pick(dA, needs[3]), pick(dB, needs[4]), *(None,) * 11)
+
+    torch.library.register_autograd(lib + "native_multi_lora_linear_fwd", multi_backward,
+                                    setup_context=multi_setup_context)
+
     # d x̂ / dx = m / (1 - p): the gradient goes through the same mask.
     def drop_setup_context(ctx, inputs, output):
-        _, ctx.dropout_p, seed = inputs
+        x, ctx.dropout_p, seed, _ = inputs
+        ctx.x_dtype = x.dtype
         ctx.save_for_backward(seed)
 
     def drop_backward(ctx, grad):
         (seed,) = ctx.saved_tensors
-        return torch.ops.lora_kernels.native_dropout(grad, ctx.dropout_p, seed), None, None
+        return torch.ops.lora_kernels.native_dropout(grad, ctx.dropout_p, seed, ctx.x_dtype), None, None, None
 
     torch.library.register_autograd(lib + "native_dropout", drop_backward, setup_context=drop_setup_context)
 
