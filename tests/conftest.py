@@ -1,3 +1,6 @@
+import os
+import tempfile
+
 import pytest
 import torch
 
@@ -26,6 +29,16 @@ def assert_close_to_ref(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype
     assert rel <= tol, f"{name}: relative error {rel:.3e} > {tol}"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models (`pytestmark = pytest.mark.usefixtures("one_thread")`): their GEMMs gain
+    nothing from intra-op threads, which only add synchronisation and stall badly on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def cuda_param(value="cuda"):
     return pytest.param(value, marks=[pytest.mark.gpu, pytest.mark.skipif(
         not torch.cuda.is_available(), reason="needs a CUDA GPU (run scripts/gpu_check.sh on a GPU machine)")])
@@ -36,3 +49,52 @@ def require_backend(backend: str, device: str) -> None:
         why = {"triton": "Triton on CPU tensors needs TRITON_INTERPRET=1 (make test sets it)",
                "native": "the lora_kernels._C extension is not built"}.get(backend, "")
         pytest.skip(f"backend {backend!r} not available on {device}: {why}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hypothesis profiles for the property tests (tests/test_properties.py and friends).
+#   default "ci": derandomized (the same examples every run, so CI cannot flake on a new seed), no example
+#       database, sized to CI's budget.
+#   LORA_KERNELS_HYPOTHESIS_PROFILE=long: LONG_FACTOR times the examples, fresh random seeds, failures saved
+#       in a database under the temp dir (replayed first next time) and printed with @reproduce_failure.
+# Every profile prints the shrunk falsifying example. Tests size themselves with hypothesis_examples(n).
+# ---------------------------------------------------------------------------------------------------
+HYPOTHESIS_PROFILE = os.environ.get("LORA_KERNELS_HYPOTHESIS_PROFILE", "ci")
+LONG_FACTOR = 25
+try:
+    import hypothesis
+except ImportError:  # the `test` extra installs it; the property tests importorskip it
+    hypothesis = None
+if hypothesis is not None:
+    _common = dict(deadline=None, print_blob=True,
+                   suppress_health_check=[hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.data_too_large])
+    hypothesis.settings.register_profile("ci", derandomize=True, database=None, **_common)
+    hypothesis.settings.register_profile("long", database=hypothesis.database.DirectoryBasedExampleDatabase(
+        os.path.join(tempfile.gettempdir(), "lora_kernels_hypothesis")), **_common)
+    hypothesis.settings.load_profile(HYPOTHESIS_PROFILE)
+
+
+def hypothesis_examples(n: int) -> int:
+    """Examples for a property test that runs n of them under the default profile."""
+    return n * LONG_FACTOR if HYPOTHESIS_PROFILE == "long" else n
+
+
+# ---------------------------------------------------------------------------------------------------
+# `nightly`: tests too long or too large for CI (minutes, several GB), e.g. tests/test_large_index.py and the
+# 10,000-forward leak test. Skipped with a reason unless LORA_KERNELS_NIGHTLY=1; run them with
+#   LORA_KERNELS_NIGHTLY=1 TRITON_INTERPRET=1 .venv/bin/python -m pytest -q -ra -m nightly tests
+# ---------------------------------------------------------------------------------------------------
+NIGHTLY = os.environ.get("LORA_KERNELS_NIGHTLY") == "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "nightly: long / large tests, skipped unless LORA_KERNELS_NIGHTLY=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if NIGHTLY:
+        return
+    skip = pytest.mark.skip(reason="nightly test (minutes, GBs of memory): set LORA_KERNELS_NIGHTLY=1 to run it")
+    for item in items:
+        if "nightly" in item.keywords:
+            item.add_marker(skip)
