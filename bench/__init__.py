@@ -1,6 +1,7 @@
-"""Benchmarks of lora_kernels against the base GEMM, PEFT and unfused PyTorch: `python -m bench`.
+"""`make bench` / `python -m bench`: the repository's entry point to the benchmarks of `lora_kernels.bench`.
 
-Layout: timing.py (the one timing helper), roofline.py (shapes, FLOP and byte formulas), common.py
-(shared rows / PEFT construction), bench_<op>.py (one per op: cases, contenders, runner), report.py
-(table, JSON, PNG), __main__.py (CLI), test_bench_<op>.py (pytest-benchmark suites: `pytest bench/`).
+The benchmark code ships in the package (lora_kernels/bench/: timing.py, roofline.py, common.py,
+bench_<op>.py, report.py, __main__.py), so an installed user has it too (`python -m lora_kernels bench`).
+This folder keeps the checkout's entry point (outputs in bench/out/), the pytest-benchmark suites
+(test_bench_<op>.py: `pytest bench/`), the method (README.md) and the measured results (RESULTS.md).
 """

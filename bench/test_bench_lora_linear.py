@@ -11,10 +11,10 @@ import torch
 
 pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed (pip install pytest-benchmark)")
 
-from bench import bench_lora_linear as bl  # noqa: E402
-from bench.common import Context  # noqa: E402
-from bench.roofline import base_gemm_work, lora_linear_work  # noqa: E402
-from bench.timing import sync  # noqa: E402
+from lora_kernels.bench import bench_lora_linear as bl  # noqa: E402
+from lora_kernels.bench.common import Context  # noqa: E402
+from lora_kernels.bench.roofline import base_gemm_work, lora_linear_work  # noqa: E402
+from lora_kernels.bench.timing import sync  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32

@@ -9,10 +9,10 @@ import torch
 
 pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed (pip install pytest-benchmark)")
 
-from bench import bench_multi_lora as bm  # noqa: E402
-from bench.common import Context  # noqa: E402
-from bench.roofline import base_only_work, multi_lora_work  # noqa: E402
-from bench.timing import sync  # noqa: E402
+from lora_kernels.bench import bench_multi_lora as bm  # noqa: E402
+from lora_kernels.bench.common import Context  # noqa: E402
+from lora_kernels.bench.roofline import base_only_work, multi_lora_work  # noqa: E402
+from lora_kernels.bench.timing import sync  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32

@@ -3,7 +3,9 @@
 Builds a tiny random-init Llama (no downloads), creates and saves three PEFT adapters with different ranks
 and target modules, loads them into a `MultiLoRAModel` with two slots (so the third load evicts the least
 recently used adapter), and greedily generates for a mixed batch. Each sequence is checked against PEFT
-running that sequence's adapter alone.
+running that sequence's adapter alone. Then it times the forward pass of the mixed batch against PEFT's own
+mixed-batch path (a PeftModel holding the same adapters, called with adapter_names=) and says which
+backend ran.
 
     python examples/serve_multi_lora.py                   # fastest backend for the device
     TRITON_INTERPRET=1 python examples/serve_multi_lora.py --backend triton   # Triton kernels on CPU
@@ -12,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -48,8 +52,10 @@ def main() -> None:
     from lora_kernels.serving import MultiLoRAModel
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", default=None, choices=["torch", "triton", "native"])
+    ap.add_argument("--backend", default=None, choices=["torch", "triton", "native"],
+                    help="default None: see lora_kernels.backends; the line 'lora_kernels ran:' says what it picked")
     ap.add_argument("--max-new-tokens", type=int, default=6)
+    ap.add_argument("--reps", type=int, default=20, help="timed forward passes of each model")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -82,6 +88,40 @@ def main() -> None:
                                     max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=0)[0]
             status = "matches PEFT" if torch.equal(out[b], expected) else "DIFFERS from PEFT"
             print(f"seq {b} [{name or 'base'}]: {out[b, input_ids.shape[1]:].tolist()}  ({status})")
+
+        # PEFT's mixed-batch inference over the same two adapters; "__base__" is its name for no adapter.
+        peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(paths["code"]), adapter_name="code")
+        peft_model.load_adapter(str(paths["translate"]), adapter_name="translate")
+        peft_model.eval()
+        peft_names = [n or "__base__" for n in names]
+        ms = time_interleaved({
+            "lora_kernels MultiLoRAModel": lambda: server(input_ids, attention_mask=attention_mask, adapter_names=names),
+            "PEFT (adapter_names=)": lambda: peft_model(input_ids=input_ids, attention_mask=attention_mask,
+                                                        adapter_names=peft_names),
+        }, device, reps=args.reps)
+        (ours, t_ours), (_, t_peft) = ms.items()
+        print(f"forward of the mixed batch ({input_ids.shape[0]} x {input_ids.shape[1]} tokens), median of "
+              f"{args.reps}: {ours} {t_ours:.2f} ms, PEFT {t_peft:.2f} ms -> {t_peft / t_ours:.2f}x")
+        from lora_kernels import diagnostics
+        print(f"lora_kernels ran: {diagnostics.backend_summary(torch.device(device), args.backend)}")
+
+
+def time_interleaved(calls: dict, device: str, reps: int) -> dict:
+    """Median ms per call of each callable, one call of each in turn (a busy machine slows them alike)."""
+    times = {n: [] for n in calls}
+    with torch.no_grad():
+        for fn in calls.values():  # warm-up
+            fn()
+        for _ in range(reps):
+            for n, fn in calls.items():
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times[n].append((time.perf_counter() - t0) * 1e3)
+    return {n: statistics.median(v) for n, v in times.items()}
 
 
 if __name__ == "__main__":

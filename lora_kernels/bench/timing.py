@@ -9,11 +9,14 @@ GPU timing:
   * `graph=True` captures the k calls into one CUDA graph and times its replays: the launch-free GPU time
     that matters for launch-bound sizes (decode), where eager timing measures the Python / dispatcher
     overhead instead. Eager time then includes that host overhead, which is what an eager user pays.
-CPU timing: `time.perf_counter` around samples of k calls, median over samples.
+CPU timing: `time.perf_counter` around samples of k calls, median over samples. The contenders of one
+case are timed together in interleaved rounds (`benchmark_interleaved`): a CPU shared with other work
+slows them alike, so their ratios stay meaningful where back-to-back runs would not be.
 """
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ class Timing:
     samples: int            # timed samples the statistics are over
     calls_per_sample: int
     mode: str               # "eager" (CUDA events), "graph" (CUDA graph replay) or "cpu" (perf_counter)
+    best_ms: float = math.nan  # the fastest sample (per call): the rate sustained when nothing interfered
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -115,8 +119,9 @@ def benchmark(calls: Sequence[Callable[[], Any]], device: torch.device, *, graph
             j += 1
         e.record()
     sync(device)
-    med, p20, p80 = _stats([s.elapsed_time(e) / k for s, e in events])
-    return Timing(med, p20, p80, samples, k, "eager")
+    per_call = [s.elapsed_time(e) / k for s, e in events]
+    med, p20, p80 = _stats(per_call)
+    return Timing(med, p20, p80, samples, k, "eager", min(per_call))
 
 
 def _benchmark_graph(calls, device, est_ms, budget_ms, min_samples) -> Timing:
@@ -144,29 +149,86 @@ def _benchmark_graph(calls, device, est_ms, budget_ms, min_samples) -> Timing:
         g.replay()
         e.record()
     sync(device)
-    med, p20, p80 = _stats([s.elapsed_time(e) / k for s, e in events])
+    per_call = [s.elapsed_time(e) / k for s, e in events]
+    med, p20, p80 = _stats(per_call)
     del g
-    return Timing(med, p20, p80, samples, k, "graph")
+    return Timing(med, p20, p80, samples, k, "graph", min(per_call))
 
 
 def _benchmark_cpu(calls, budget_ms, min_samples) -> Timing:
-    n = len(calls)
+    out = benchmark_interleaved({"_": calls}, budget_ms=budget_ms, min_rounds=min(min_samples, 5))["_"]
+    if isinstance(out, Exception):
+        raise out
+    return out
+
+
+def _estimate_ms(calls: Sequence[Callable[[], Any]], sync_fn: Callable[[], None]) -> float:
+    """Warm every input set up, then the fastest of three timed calls (ms)."""
     for c in calls:
         c()
-    t0 = time.perf_counter()
-    calls[0]()
-    est = (time.perf_counter() - t0) * 1e3
-    k, samples = _plan(est, n, min_sample_ms=1.0, budget_ms=budget_ms, min_samples=min(min_samples, 5),
-                       max_calls=1000)
-    per_call, j = [], 0
-    for _ in range(samples):
+    sync_fn()
+    best = math.inf
+    for i in range(3):
         t0 = time.perf_counter()
-        for _ in range(k):
-            calls[j % n]()
-            j += 1
-        per_call.append((time.perf_counter() - t0) * 1e3 / k)
-    med, p20, p80 = _stats(per_call)
-    return Timing(med, p20, p80, samples, k, "cpu")
+        calls[i % len(calls)]()
+        sync_fn()
+        best = min(best, (time.perf_counter() - t0) * 1e3)
+    return best
+
+
+def benchmark_interleaved(calls: dict[str, Sequence[Callable[[], Any]]], *, budget_ms: float = 200.0,
+                          min_sample_ms: float = 1.0, min_rounds: int = 7, max_rounds: int = 200,
+                          sync_fn: Callable[[], None] = lambda: None, seed: int = 0
+                          ) -> dict[str, Timing | Exception]:
+    """Wall-clock timing of several contenders in interleaved rounds: {name: Timing, or the exception it raised}.
+
+    Each contender gets samples of k calls (k such that a sample lasts >= `min_sample_ms`, cycling through its
+    input sets); every round takes one sample of each contender in a shuffled order, so load from other
+    processes lands on all of them alike. About `budget_ms` of samples per contender (at least `min_rounds`
+    rounds). `sync_fn` runs after each sample (e.g. torch.cuda.synchronize for host-overhead timing).
+    """
+    out: dict[str, Timing | Exception] = {}
+    plan: dict[str, tuple[int, float]] = {}
+    for name, cs in calls.items():
+        if not cs:
+            raise ValueError(f"{name}: calls must hold at least one callable")
+        try:
+            est = max(_estimate_ms(cs, sync_fn), 1e-4)
+        except Exception as e:  # noqa: BLE001 - reported per contender by the caller
+            out[name] = e
+            continue
+        k = max(len(cs), min(1000, math.ceil(min_sample_ms / est)))
+        plan[name] = (k, est)
+    if not plan:
+        return out
+    mean_sample = statistics.mean(k * est for k, est in plan.values())
+    rounds = max(min_rounds, min(max_rounds, int(budget_ms / mean_sample)))
+    per_call: dict[str, list[float]] = {n: [] for n in plan}
+    pos = dict.fromkeys(plan, 0)
+    order = list(plan)
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            if name in out:  # raised in an earlier round
+                continue
+            cs, (k, _) = calls[name], plan[name]
+            j = pos[name]
+            try:
+                t0 = time.perf_counter()
+                for _ in range(k):
+                    cs[j % len(cs)]()
+                    j += 1
+                sync_fn()
+                per_call[name].append((time.perf_counter() - t0) * 1e3 / k)
+            except Exception as e:  # noqa: BLE001
+                out[name] = e
+            pos[name] = j
+    for name, v in per_call.items():
+        if name not in out:
+            med, p20, p80 = _stats(v)
+            out[name] = Timing(med, p20, p80, len(v), plan[name][0], "cpu", min(v))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -214,29 +276,47 @@ def peak_memory_bytes(step: Callable[[], Any], device: torch.device) -> int | No
 # ------------------------------------------------------------------------------------------------------
 
 def measure_peaks(device: torch.device, dtype: torch.dtype) -> dict:
-    """Achievable peak FLOP/s (a large matmul in `dtype`) and bytes/s (a large device-to-device copy).
+    """The best FLOP/s (square matmuls in `dtype`) and bytes/s (copies, read + write, and read-only sums) over
+    several sizes.
 
-    On a GPU: an 8192^3 matmul and a 1 GiB copy (read + write = 2 GiB moved); on a CPU smaller sizes,
-    since only the order of magnitude matters there.
+    A peak must be one: a single size under-reports it (on a CPU a 64 MiB copy runs at DRAM speed, while a
+    benchmark shape that stays in cache moves bytes faster, which once gave "132 % of peak"). So each peak is
+    the fastest sample over sizes from cache-resident to memory-bound. GPU: 4096^3 and 8192^3 matmuls, 256 MiB
+    and 1 GiB copies (far above the L2, as the rotated benchmark inputs are); CPU: 256^3 to 1024^3, 256 KiB to
+    64 MiB, every size timed in the same interleaved rounds (short samples: on a shared CPU the fastest of
+    many is the rate the hardware sustains, the others include other processes' time slices).
     """
     device = torch.device(device)
-    if device.type == "cuda":
-        n, copy_bytes, budget = 8192, 2**30, 300.0
+    dt = str(dtype).replace("torch.", "")
+    gpu = device.type == "cuda"
+    sizes = (4096, 8192) if gpu else (256, 512, 1024)
+    copies = (2**28, 2**30) if gpu else (2**18, 2**20, 2**22, 2**24, 2**26)
+    mats = {n: tuple(torch.randn(n, n, device=device).to(dtype) for _ in range(3)) for n in sizes}
+    bufs = {b: (torch.empty(b // 4, device=device).fill_(1.0), torch.empty(b // 4, device=device)) for b in copies}
+    calls = {("mm", n): [lambda a=a, b=b, c=c: torch.mm(a, b, out=c)] for n, (a, b, c) in mats.items()}
+    calls.update({("copy", b): [lambda s=s, d=d: d.copy_(s)] for b, (s, d) in bufs.items()})
+    # A read-only pass too: reads cost less than writes (no read-for-ownership), so an op that mostly reads
+    # (a GEMV streaming its weight) can beat any copy's rate.
+    calls.update({("read", b): [lambda s=s: s.sum()] for b, (s, _) in bufs.items()})
+    if gpu:
+        timed = {k: benchmark(c, device, budget_ms=300.0, min_samples=5) for k, c in calls.items()}
     else:
-        n, copy_bytes, budget = 1024, 64 * 2**20, 100.0
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    c = torch.empty(n, n, device=device, dtype=dtype)
-    t_mm = benchmark([lambda: torch.mm(a, b, out=c)], device, budget_ms=budget, min_samples=5)
-    del a, b, c
-    src = torch.empty(copy_bytes // 4, device=device, dtype=torch.float32).fill_(1.0)
-    dst = torch.empty_like(src)
-    t_cp = benchmark([lambda: dst.copy_(src)], device, budget_ms=budget, min_samples=5)
-    del src, dst
-    # The fast tail (p20), not the median: a peak is the best the device sustains.
+        timed = benchmark_interleaved(calls, budget_ms=50.0, min_sample_ms=0.5, min_rounds=10)
+    for k, t in timed.items():
+        if isinstance(t, Exception):
+            raise t
+    del mats, bufs
+    mm = max((2.0 * n ** 3 / (timed[("mm", n)].best_ms * 1e-3), n) for n in sizes)
+    cp = max([(2.0 * b / (timed[("copy", b)].best_ms * 1e-3), b, "copy") for b in copies]
+             + [(b / (timed[("read", b)].best_ms * 1e-3), b, "read") for b in copies])
     return {
-        "matmul_flops": 2.0 * n ** 3 / (t_mm.p20_ms * 1e-3),
-        "copy_bytes_per_s": 2.0 * copy_bytes / (t_cp.p20_ms * 1e-3),
-        "matmul": f"{n}x{n}x{n} {str(dtype).replace('torch.', '')} matmul",
-        "copy": f"{copy_bytes // 2**20} MiB device copy (read + write)",
+        "matmul_flops": mm[0],
+        "copy_bytes_per_s": cp[0],
+        "matmul": f"best of {dt} matmuls {sizes[0]}^3..{sizes[-1]}^3 (at {mm[1]}^3)",
+        "copy": f"best of copies (read + write) and reads of {_mib(copies[0])}..{_mib(copies[-1])} "
+                f"(a {cp[2]} of {_mib(cp[1])})",
     }
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes // 2**20} MiB" if nbytes >= 2**20 else f"{nbytes // 2**10} KiB"

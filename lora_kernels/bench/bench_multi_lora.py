@@ -11,8 +11,9 @@ Contenders, all measured in the same run on the same values:
     peft-mixed    PEFT's `lora.Linear` holding the d adapters, called with `adapter_names=` (its mixed-batch path)
     torch-loop    unfused PyTorch: base GEMM, then per adapter index_select -> two GEMMs -> in-place index_add_
                   (token indices prepared outside the timed call)
-    ours:<b>      lora_kernels multi_lora_linear(..., backend=<b>) with the batch metadata (LoRABatch) built
-                  outside the timed call: a server builds it once per step and shares it across layers
+    ours          lora_kernels multi_lora_linear(..., backend=None) (the default), and
+    ours:<b>      the same with backend=<b>; the batch metadata (LoRABatch) is built outside the timed call:
+                  a server builds it once per step and shares it across layers
 """
 from __future__ import annotations
 
@@ -22,13 +23,15 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from bench.common import (GRAPH_BELOW_MS, Context, Unavailable, check_row, make_peft_layer, make_row, na_row,
-                          peft_available, recover, score, short_error, time_calls)
-from bench.roofline import MODELS, base_only_work, multi_lora_work
-from bench.timing import rotating_sets
+from lora_kernels.backends import BACKENDS
+from lora_kernels.bench.common import (Context, Unavailable, check_row, make_peft_layer, make_row, na_row,
+                                       peft_available, recover, score, short_error, time_group)
+from lora_kernels.bench.roofline import MODELS, base_only_work, multi_lora_work
+from lora_kernels.bench.timing import rotating_sets
 
 SUITE = "multi_lora"
-CONTENDERS = ("base", "peft-mixed", "torch-loop", "ours:torch", "ours:triton", "ours:native")
+OURS = ("ours",) + tuple(f"ours:{b}" for b in BACKENDS)
+CONTENDERS = ("base", "peft-mixed", "torch-loop") + OURS
 ADAPTERS = (1, 8, 64, 256)
 DECODE_SEQS = 256
 PREFILL_SEQS, PREFILL_LEN = 256, 16
@@ -92,6 +95,9 @@ def grid(models, projs, r, adapters, decode_seqs=DECODE_SEQS, prefill_seqs=PREFI
 
 def default_cases(device: torch.device, quick: bool) -> list[ServeCase]:
     if device.type != "cuda":
+        if quick:  # the headline cases scaled down: decode over 1, 8 and 32 adapters, a prefill over 8
+            return (grid(["qwen2-0.5b"], ["q"], 16, (1, 8, 32), decode_seqs=32, phases=("decode",))
+                    + grid(["qwen2-0.5b"], ["q"], 16, (8,), prefill_seqs=32, prefill_len=8, phases=("prefill",)))
         return grid(["qwen2-0.5b"], ["q"], 16, (1, 8, 32), decode_seqs=32, prefill_seqs=32, prefill_len=8)
     if quick:
         return [make_case(m, p, r, ph, T if ph == "decode" else PREFILL_SEQS, 1 if ph == "decode" else PREFILL_LEN, d)
@@ -173,12 +179,14 @@ def multi_lora_api():
 def contender_unavailable(name: str, device: torch.device) -> Optional[str]:
     if name == "peft-mixed":
         return peft_available()
-    if name.startswith("ours:"):
+    if name in OURS:
         try:
             multi_lora_api()
         except Unavailable as e:
             return str(e)
-        from bench.bench_lora_linear import contender_unavailable as single
+        if name == "ours":
+            return None
+        from lora_kernels.bench.bench_lora_linear import contender_unavailable as single
 
         why = single(name, device)
         if why is None and name == "ours:native":
@@ -218,9 +226,9 @@ def build(name: str, inp: ServeInputs) -> tuple[Callable[[], torch.Tensor], bool
                 y.index_add_(0, ix, (x.index_select(0, ix) @ A[j].T) @ B[j].T, alpha=s[j])
             return y
         return loop, True
-    if name.startswith("ours:"):
+    if name in OURS:
         multi_lora_linear, LoRABatch = multi_lora_api()
-        backend = name.split(":", 1)[1]
+        backend = name.split(":", 1)[1] if ":" in name else None
         batch = LoRABatch.from_token_adapters(inp.token_adapter, d)
         A, B, s = inp.A_stack, inp.B_stack, inp.scalings
         return (lambda: multi_lora_linear(x, W, b, A, B, s, batch, backend=backend)), True
@@ -265,39 +273,40 @@ def run_case(case: ServeCase, contenders, ctx: Context, reasons: dict) -> list[d
     sets = [first] + [first.clone() for _ in range(n_sets - 1)]
     ref = reference(first) if ctx.check else None
     e = first.x.element_size()
-    use_graph = ctx.graph == "always"
+    group_rows, calls, graphable = {}, {}, {}
     for c in contenders:
-        ctx.tick(1, f"{case.label} {c}")
-        if reasons[c]:
-            rows.append(na_row(SUITE, case.phase, cd, c, reasons[c]))
-            continue
-        if ctx.out_of_time():
-            rows.append(na_row(SUITE, case.phase, cd, c, "time budget used up"))
+        if reasons[c] or ctx.out_of_time():
+            group_rows[c] = na_row(SUITE, case.phase, cd, c, reasons[c] or "time budget used up")
             continue
         my_sets = sets[:PEFT_MAX_SETS] if c == "peft-mixed" else sets
         row = make_row(SUITE, case.phase, cd, c, sets=len(my_sets))
         try:
             built = [build(c, s) for s in my_sets]
-            graphable = built[0][1]
-            calls = [_no_grad(f) for f, _ in built]
+            graphable[c] = built[0][1]
+            calls[c] = [_no_grad(f) for f, _ in built]
             if ref is not None and c != "base":  # base has no LoRA term
-                check_row(row, calls[0](), ref, ctx.dtype)
-            work = (base_only_work(case.T, case.K, case.N, e, case.bias) if c == "base"
-                    else multi_lora_work(case.T, case.K, case.N, case.r, case.d, e, e, case.bias))
-            t = time_calls(calls, ctx, use_graph, graphable)
-            score(row, t, work, ctx.peaks)
-            if c == "base" and ctx.graph == "auto" and ctx.device.type == "cuda" and t.median_ms < GRAPH_BELOW_MS:
-                use_graph = True
-                row["eager_ms"] = t.median_ms
-                score(row, time_calls(calls, ctx, True, True), work, ctx.peaks)
-            if row["mode"] != "graph" and use_graph:
-                why = "not capturable" if not graphable else "graph capture failed"
-                row["reason"] = (row["reason"] + "; " if row["reason"] else "") + f"{why}: eager time"
+                check_row(row, calls[c][0](), ref, ctx.dtype)
         except Exception as ex:  # noqa: BLE001
             recover(ctx.device)
+            calls.pop(c, None)
             row = na_row(SUITE, case.phase, cd, c, f"error: {short_error(ex)}")
-        finally:
-            built = calls = None  # noqa: F841
+        group_rows[c] = row
+    timed = time_group(calls, ctx, graphable)
+    for c in contenders:
+        ctx.tick(1, case.label)
+        row = group_rows[c]
+        t = timed.timings.get(c)
+        if isinstance(t, Exception):
+            row = na_row(SUITE, case.phase, cd, c, f"error: {short_error(t)}")
+        elif t is not None:
+            work = (base_only_work(case.T, case.K, case.N, e, case.bias) if c == "base"
+                    else multi_lora_work(case.T, case.K, case.N, case.r, case.d, e, e, case.bias))
+            score(row, t, work, ctx.peaks)
+            if c == "base" and timed.base_eager_ms is not None:
+                row["eager_ms"] = timed.base_eager_ms
+            if timed.use_graph and row["mode"] != "graph":
+                why = "not capturable" if not graphable.get(c, True) else "graph capture failed"
+                row["reason"] = (row["reason"] + "; " if row["reason"] else "") + f"{why}: eager time"
         rows.append(row)
     return rows
 

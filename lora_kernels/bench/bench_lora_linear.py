@@ -3,15 +3,20 @@
     y = x W0ᵀ + b + s · (dropout(x) Aᵀ) Bᵀ        x: [M, in], W0: [out, in], A: [r, in], B: [out, r]
 
 Contenders, all measured in the same run on the same values:
-    base          F.linear(x, W0, b) (cuBLAS through torch): the floor, no LoRA at all
+    base          F.linear(x, W0, b) (cuBLAS / the CPU BLAS through torch): the floor, no LoRA at all; in
+                  fwd+bwd it computes dx only (W0 and b are frozen), the frozen layer a LoRA layer wraps
     peft          PEFT's real `lora.Linear` (get_peft_model on a one-layer module)
     torch-addmm   an unfused PyTorch autograd.Function that adds the LoRA term with in-place addmm_ in the
                   forward and the backward (the trick Unsloth uses), LoRA math in x's dtype
-    ours:<b>      lora_kernels.lora_linear(..., backend=<b>) for b in torch / triton / native
+    ours          lora_kernels.lora_linear(..., backend=None): what a user gets by default
+    ours:<b>      lora_kernels.lora_linear(..., backend=<b>) for every backend in lora_kernels.backends
 
-Phases: "fwd" (inference, no autograd), "fwd+bwd" (frozen W0 and b; gradients for x, A and B) and
-"memory" (one fwd+bwd step at dropout 0 and 0.1: bytes autograd saves for backward on every device, and
-the peak CUDA memory above the inputs on a GPU).
+Phases: "fwd" (inference, no autograd), "fwd+bwd" (frozen W0 and b; gradients for x, A and B; at every
+dropout of `Context.dropouts`) and "memory" (one fwd+bwd step at dropout 0 and 0.1: bytes autograd saves
+for backward on every device, and the peak CUDA memory above the inputs on a GPU).
+
+The LoRA tax of a row is its time minus the base's time in the same case and run: the cost of the LoRA
+side, which is all a LoRA implementation can change (the base GEMM is the same BLAS call for everyone).
 """
 from __future__ import annotations
 
@@ -21,20 +26,23 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from bench.common import (GRAPH_BELOW_MS, Context, Unavailable, check_row, make_peft_layer, make_row, na_row,
-                          peft_available, recover, score, short_error, time_calls)
-from bench.roofline import DISTINCT_PROJS, MODELS, base_gemm_work, lora_linear_work
-from bench.timing import peak_memory_bytes, rotating_sets, saved_for_backward_bytes
+from lora_kernels.backends import BACKENDS
+from lora_kernels.bench.common import (Context, Unavailable, check_row, make_peft_layer, make_row, na_row,
+                                       peft_available, recover, score, short_error, time_group)
+from lora_kernels.bench.roofline import DISTINCT_PROJS, MODELS, base_gemm_work, lora_linear_work
+from lora_kernels.bench.timing import peak_memory_bytes, rotating_sets, saved_for_backward_bytes
 
 SUITE = "lora_linear"
-CONTENDERS = ("base", "peft", "torch-addmm", "ours:torch", "ours:triton", "ours:native")
+OURS = ("ours",) + tuple(f"ours:{b}" for b in BACKENDS)
+CONTENDERS = ("base", "peft", "torch-addmm") + OURS
 PHASES = ("fwd", "fwd+bwd", "memory")
 RANKS = (8, 16, 64)
 TOKENS = (1, 16, 128, 1024, 8192)
+DROPOUTS = (0.0, 0.1)           # fwd+bwd rows; PEFT copies x and draws a mask, ours regenerates it
 MEMORY_DROPOUTS = (0.0, 0.1)
 SCALING = 2.0
 
-# (model, projection, rank, tokens): the cases `--quick` runs and the README / RESULTS.md headline table.
+# (model, projection, rank, tokens): the cases `--quick` runs on a GPU and the README / RESULTS.md headline table.
 HEADLINE = [
     ("llama3-8b", "q", 16, 1),
     ("llama3-8b", "q", 16, 128),
@@ -42,12 +50,21 @@ HEADLINE = [
     ("llama3-8b", "down", 16, 8192),
     ("qwen2-0.5b", "q", 16, 1024),
 ]
-# Without a GPU: small shapes the CPU backends finish in seconds.
+# The same cases scaled for a CPU (`--quick` without a GPU): decode and a 128-token batch of a square
+# projection, a wide one (Qwen2-0.5B's MLP gate, 896 -> 4864) and a long-K one (its down projection).
+CPU_HEADLINE = [
+    ("qwen2-0.5b", "q", 16, 1),
+    ("qwen2-0.5b", "q", 16, 128),
+    ("qwen2-0.5b", "gate", 16, 128),
+    ("qwen2-0.5b", "down", 16, 32),
+]
+# The full grid without a GPU: small shapes the CPU backends finish in seconds.
 CPU_CASES = [
     ("qwen2-0.5b", "q", 16, 1),
     ("qwen2-0.5b", "q", 16, 16),
     ("qwen2-0.5b", "q", 16, 128),
     ("qwen2-0.5b", "k", 8, 128),
+    ("qwen2-0.5b", "gate", 16, 128),
     ("qwen2-0.5b", "down", 16, 32),
 ]
 
@@ -93,7 +110,7 @@ def grid(models, projs, ranks, tokens, shapes=()) -> list[Case]:
 
 def default_cases(device: torch.device, quick: bool) -> list[Case]:
     if device.type != "cuda":
-        return [make_case(*c) for c in CPU_CASES]
+        return [make_case(*c) for c in (CPU_HEADLINE if quick else CPU_CASES)]
     if quick:
         return [make_case(*c) for c in HEADLINE]
     return grid(MODELS, DISTINCT_PROJS, RANKS, TOKENS)
@@ -142,7 +159,7 @@ def make_inputs(case: Case, ctx: Context, seed: int = 0) -> Inputs:
     )
 
 
-class _AddmmLoRA(torch.autograd.Function):
+class AddmmLoRA(torch.autograd.Function):
     """Unfused LoRA with in-place addmm_: y = x W0ᵀ + b, then y += s (x̂ Aᵀ) Bᵀ in place; the backward
     likewise adds (dS A) into dx = G W0 in place. LoRA math runs in x's dtype; a dropout mask is stored."""
 
@@ -182,22 +199,27 @@ class _AddmmLoRA(torch.autograd.Function):
 
 
 def contender_unavailable(name: str, device: torch.device) -> Optional[str]:
-    """None when `name` can run on `device`, else the reason shown in its rows."""
+    """None when `name` can run on `device`, else the reason shown (once) under its table."""
     if name == "peft":
         return peft_available()
     if name.startswith("ours:"):
         from lora_kernels import backends
 
         b = name.split(":", 1)[1]
-        if b == "triton" and device.type != "cuda":
+        if b in ("triton", "composite") and device.type != "cuda":
             return "Triton kernels need a CUDA device (the interpreter is for tests, not timing)"
         if b not in backends.available_backends(device):
             if b == "native":
-                return f"extension lora_kernels._C not built ({backends.NATIVE_ERROR[:80]})"
-            if b == "triton":
+                return f"extension lora_kernels._C not built for {device.type} ({backends.NATIVE_ERROR[:80]})"
+            if b in ("triton", "composite"):
                 return "triton is not installed"
             return f"backend {b!r} unavailable on {device.type}"
     return None
+
+
+def ours_backend(name: str) -> Optional[str]:
+    """The `backend=` argument of an "ours" contender: None for "ours", b for "ours:b"."""
+    return name.split(":", 1)[1] if ":" in name else None
 
 
 def build(name: str, inp: Inputs, dropout_p: float, training: bool) -> tuple[Callable[[], torch.Tensor],
@@ -213,11 +235,11 @@ def build(name: str, inp: Inputs, dropout_p: float, training: bool) -> tuple[Cal
         return (lambda: layer(x)), params
     if name == "torch-addmm":
         A, B = inp.A, inp.B
-        return (lambda: _AddmmLoRA.apply(x, W, b, A, B, SCALING, dropout_p, training)), [A, B]
-    if name.startswith("ours:"):
+        return (lambda: AddmmLoRA.apply(x, W, b, A, B, SCALING, dropout_p, training)), [A, B]
+    if name in OURS:
         import lora_kernels as lk
 
-        backend, A, B = name.split(":", 1)[1], inp.A, inp.B
+        backend, A, B = ours_backend(name), inp.A, inp.B
         return (lambda: lk.lora_linear(x, W, b, A, B, SCALING, dropout_p=dropout_p, training=training,
                                        backend=backend)), [A, B]
     raise Unavailable(f"unknown contender {name!r}")
@@ -241,16 +263,16 @@ def _step_call(fwd, x, params, g):
 # Running
 # ------------------------------------------------------------------------------------------------------
 
-def jobs_per_case(contenders, phases) -> int:
+def jobs_per_case(contenders, phases, dropouts=DROPOUTS) -> int:
     n = 0
     for ph in phases:
-        n += len(contenders) * (len(MEMORY_DROPOUTS) if ph == "memory" else 1)
+        n += len(contenders) * len(MEMORY_DROPOUTS if ph == "memory" else dropouts if ph == "fwd+bwd" else (0.0,))
     return n
 
 
 def run(cases: list[Case], contenders, phases, ctx: Context, memory_cases: Optional[set] = None) -> list[dict]:
-    """Rows for every (case, phase, contender). `memory_cases` limits the memory phase to those cases
-    (None: all)."""
+    """Rows for every (case, phase, dropout, contender). `memory_cases` limits the memory phase to those
+    cases (None: all)."""
     rows: list[dict] = []
     reasons = {c: contender_unavailable(c, ctx.device) for c in contenders}
     for case in cases:
@@ -259,25 +281,33 @@ def run(cases: list[Case], contenders, phases, ctx: Context, memory_cases: Optio
     return rows
 
 
+def _groups(phases, ctx: Context):
+    """(phase, dropout) of every timed group and memory pass, in run order."""
+    for ph in phases:
+        if ph == "memory":
+            yield ph, None
+        else:
+            for p in (ctx.dropouts if ph == "fwd+bwd" else (0.0,)):
+                yield ph, p
+
+
 def run_case(case: Case, contenders, phases, ctx: Context, reasons: dict) -> list[dict]:
     rows: list[dict] = []
     cd = case.as_dict()
     cd.update(dtype=str(ctx.dtype).replace("torch.", ""), adapter_dtype=str(ctx.adapter_dtype).replace("torch.", ""))
-    if ctx.out_of_time():
-        for ph in phases:
-            for c in contenders:
-                for p in (MEMORY_DROPOUTS if ph == "memory" else (0.0,)):
-                    rows.append(na_row(SUITE, ph, dict(cd, dropout=p), c, "time budget used up"))
-                    ctx.tick(1, case.label)
-        return rows
-    try:
-        first = make_inputs(case, ctx)
-    except Exception as e:  # noqa: BLE001 - e.g. out of memory for the largest shapes
-        recover(ctx.device)
-        for ph in phases:
-            for c in contenders:
-                for p in (MEMORY_DROPOUTS if ph == "memory" else (0.0,)):
-                    rows.append(na_row(SUITE, ph, dict(cd, dropout=p), c, f"inputs: {short_error(e)}"))
+    why_not = "time budget used up" if ctx.out_of_time() else None
+    first = None
+    if why_not is None:
+        try:
+            first = make_inputs(case, ctx)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory for the largest shapes
+            recover(ctx.device)
+            why_not = f"inputs: {short_error(e)}"
+    if why_not is not None:
+        for ph, p in _groups(phases, ctx):
+            for q in (MEMORY_DROPOUTS if ph == "memory" else (p,)):
+                for c in contenders:
+                    rows.append(na_row(SUITE, ph, dict(cd, dropout=q), c, why_not))
                     ctx.tick(1, case.label)
         return rows
     n_sets = rotating_sets(first.nbytes(), ctx.device)
@@ -291,46 +321,48 @@ def run_case(case: Case, contenders, phases, ctx: Context, reasons: dict) -> lis
     e = first.x.element_size()
     a = first.A.element_size()
 
-    for phase in phases:
+    for phase, p in _groups(phases, ctx):
         if phase == "memory":
             rows += _memory_rows(case, cd, contenders, ctx, reasons, first)
             continue
         bwd = phase == "fwd+bwd"
-        use_graph = ctx.graph == "always"
+        d = dict(cd, dropout=p)
+        group_rows, calls = {}, {}
         for c in contenders:
-            ctx.tick(1, f"{case.label} {phase} {c}")
-            row = make_row(SUITE, phase, dict(cd, dropout=0.0), c, sets=n_sets)
-            if reasons[c]:
-                rows.append(na_row(SUITE, phase, dict(cd, dropout=0.0), c, reasons[c]))
+            if reasons[c] or ctx.out_of_time():
+                group_rows[c] = na_row(SUITE, phase, d, c, reasons[c] or "time budget used up")
                 continue
-            if ctx.out_of_time():
-                rows.append(na_row(SUITE, phase, dict(cd, dropout=0.0), c, "time budget used up"))
-                continue
+            row = make_row(SUITE, phase, d, c, sets=n_sets)
             try:
-                built = [build(c, s, 0.0, training=bwd) for s in sets]
+                built = [build(c, s, p, training=bwd) for s in sets]
                 if bwd:
-                    calls = [_step_call(f, s.x, p, s.g) for (f, p), s in zip(built, sets)]
+                    calls[c] = [_step_call(f, s.x, prm, s.g) for (f, prm), s in zip(built, sets)]
                 else:
-                    calls = [_fwd_call(f) for f, _ in built]
+                    calls[c] = [_fwd_call(f) for f, _ in built]
                 if ref is not None and not bwd and c != "base":  # base has no LoRA term
-                    check_row(row, calls[0](), ref, ctx.dtype)
-                work = (base_gemm_work(case.M, case.K, case.N, e, case.bias, bwd) if c == "base"
-                        else lora_linear_work(case.M, case.K, case.N, case.r, e, a, case.bias, bwd))
-                t = time_calls(calls, ctx, use_graph, graphable=True)
-                score(row, t, work, ctx.peaks)
-                if c == "base" and ctx.graph == "auto" and ctx.device.type == "cuda" and t.median_ms < GRAPH_BELOW_MS:
-                    # Launch-bound case: re-time the floor from graph replays, and every contender after it.
-                    use_graph = True
-                    row["eager_ms"] = t.median_ms
-                    score(row, time_calls(calls, ctx, True, graphable=True), work, ctx.peaks)
-                if row["mode"] != "graph" and use_graph:
-                    row["reason"] = (row["reason"] + "; " if row["reason"] else "") + "graph capture failed: eager"
+                    check_row(row, calls[c][0](), ref, ctx.dtype)
             except Exception as ex:  # noqa: BLE001 - one contender failing never stops the run
                 recover(ctx.device)
-                row = na_row(SUITE, phase, dict(cd, dropout=0.0), c, f"error: {short_error(ex)}")
-            finally:
-                built = calls = None  # noqa: F841 - free this contender's copies before the next one
+                calls.pop(c, None)
+                row = na_row(SUITE, phase, d, c, f"error: {short_error(ex)}")
+            group_rows[c] = row
+        timed = time_group(calls, ctx, {})
+        for c in contenders:
+            ctx.tick(1, f"{case.label} {phase}" + (f" p={p}" if p else ""))
+            row = group_rows[c]
+            t = timed.timings.get(c)
+            if isinstance(t, Exception):
+                row = na_row(SUITE, phase, d, c, f"error: {short_error(t)}")
+            elif t is not None:
+                work = (base_gemm_work(case.M, case.K, case.N, e, case.bias, bwd) if c == "base"
+                        else lora_linear_work(case.M, case.K, case.N, case.r, e, a, case.bias, bwd))
+                score(row, t, work, ctx.peaks)
+                if c == "base" and timed.base_eager_ms is not None:
+                    row["eager_ms"] = timed.base_eager_ms
+                if timed.use_graph and row["mode"] != "graph":
+                    row["reason"] = (row["reason"] + "; " if row["reason"] else "") + "graph capture failed: eager"
             rows.append(row)
+        calls = group_rows = timed = None  # noqa: F841 - free this group's copies before the next one
     del sets, first
     return rows
 

@@ -10,8 +10,9 @@ would move. The roofline floor of a case is
 
     floor = max(FLOPs / peak_FLOP/s, bytes / peak_bytes/s)
 
-with both peaks measured once per run (timing.measure_peaks). "% of peak" in the report is
-floor / measured time: 100 % means the kernel runs at the hardware limit of whichever resource binds.
+with both peaks measured once per run (timing.measure_peaks: the best rate over several sizes). "% of peak"
+in the report is floor / measured time: 100 % means the kernel runs at the hardware limit of whichever
+resource binds.
 """
 from __future__ import annotations
 
@@ -92,19 +93,19 @@ def base_only_work(T: int, K: int, N: int, e: int, bias: bool) -> Work:
     return base_gemm_work(T, K, N, e, bias, backward=False)
 
 
-def floor_table(peak_flops: float | None = None, peak_bytes: float | None = None) -> list[dict]:
-    """FLOPs, bytes and (given peaks) the floor of the headline cases; used by `python -m bench --floors`."""
-    from bench.bench_lora_linear import HEADLINE
-    from bench.bench_multi_lora import HEADLINE as SERVE_HEADLINE
-
+def floor_table(lora_cases, serve_cases, peak_flops: float | None = None, peak_bytes: float | None = None
+                ) -> list[dict]:
+    """FLOPs, bytes and (given peaks) the floor of the given cases, bf16 activations: `lora_cases` as
+    (model, proj, r, M) with fp32 adapters, `serve_cases` as (model, proj, r, phase, T, d) with bf16 adapters.
+    `python -m bench --floors` passes the headline cases."""
     rows = []
-    for model, proj, r, M in HEADLINE:
+    for model, proj, r, M in lora_cases:
         K, N, bias = MODELS[model][proj]
         for phase, bwd in (("fwd", False), ("fwd+bwd", True)):
             w = lora_linear_work(M, K, N, r, 2, 4, bias, bwd)
             rows.append(_floor_row(f"{model} {proj} {K}->{N} r={r} M={M} {phase} (bf16 x, fp32 A/B)", w,
                                    peak_flops, peak_bytes))
-    for model, proj, r, phase, T, d in SERVE_HEADLINE:
+    for model, proj, r, phase, T, d in serve_cases:
         K, N, bias = MODELS[model][proj]
         w = multi_lora_work(T, K, N, r, d, 2, 2, bias)
         rows.append(_floor_row(f"{model} {proj} {K}->{N} r={r} {phase} T={T} adapters={d} (bf16)", w,

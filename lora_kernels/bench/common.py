@@ -9,8 +9,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from bench.roofline import Work
-from bench.timing import Timing, benchmark, sync
+from lora_kernels.bench.roofline import Work
+from lora_kernels.bench.timing import Timing, benchmark, benchmark_interleaved, sync
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Relative-RMS error a contender's forward may show against the float32 reference before its row is
@@ -34,6 +34,7 @@ class Context:
     graph: str = "auto"                   # "auto" | "always" | "never"
     check: bool = True
     deadline: float = math.inf            # time.monotonic() after which remaining cases are skipped
+    dropouts: tuple = (0.0, 0.1)          # lora_linear fwd+bwd rows are measured at each of these
     peaks: dict = field(default_factory=dict)
     progress: Any = None
     log: Callable[[str], None] = print
@@ -60,8 +61,12 @@ def na_row(suite, phase, case, contender, reason: str) -> dict:
     return make_row(suite, phase, case, contender, status="n/a", reason=reason)
 
 
-def score(row: dict, t: Timing, work: Work, peaks: dict) -> dict:
-    """Fill time, achieved rates and % of the measured-peak roofline into `row`."""
+def score(row: dict, t: Timing, work: Optional[Work], peaks: dict) -> dict:
+    """Fill time, achieved rates and % of the measured-peak roofline into `row` (only the time without `work`)."""
+    row.update(ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, mode=t.mode, samples=t.samples,
+               calls_per_sample=t.calls_per_sample)
+    if work is None:
+        return row
     s = t.median_ms * 1e-3
     row.update(ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, mode=t.mode, samples=t.samples,
                calls_per_sample=t.calls_per_sample, flops=work.flops, bytes=work.bytes,
@@ -95,6 +100,39 @@ def time_calls(calls: list[Callable[[], Any]], ctx: Context, use_graph: bool, gr
         except Exception:  # noqa: BLE001 - e.g. a host sync inside the op: time it eagerly instead
             recover(ctx.device)
     return benchmark(calls, ctx.device, graph=False, budget_ms=ctx.budget_ms)
+
+
+@dataclass
+class GroupTiming:
+    """What `time_group` measured: a Timing (or the exception raised) per contender, and on a GPU whether
+    the case was timed from CUDA-graph replays and the base's eager time."""
+    timings: dict
+    use_graph: bool = False
+    base_eager_ms: Optional[float] = None
+
+
+def time_group(calls: dict[str, list[Callable[[], Any]]], ctx: Context, graphable: dict[str, bool]) -> GroupTiming:
+    """Time all contenders of one case (`calls` in run order, the floor "base" first when present).
+
+    CPU: interleaved rounds (timing.benchmark_interleaved), so a shared, noisy machine slows all alike.
+    GPU: one contender after the other with CUDA events; with ctx.graph == "auto", a case whose base GEMM
+    takes under GRAPH_BELOW_MS eagerly is launch-bound, and every contender is then timed from CUDA-graph
+    replays (contenders that cannot be captured stay eager).
+    """
+    if ctx.device.type != "cuda":
+        return GroupTiming(benchmark_interleaved(calls, budget_ms=ctx.budget_ms))
+    out = GroupTiming({}, use_graph=ctx.graph == "always")
+    for name, cs in calls.items():
+        try:
+            t = time_calls(cs, ctx, out.use_graph, graphable.get(name, True))
+            if name == "base" and ctx.graph == "auto" and t.median_ms < GRAPH_BELOW_MS:
+                out.use_graph, out.base_eager_ms = True, t.median_ms
+                t = time_calls(cs, ctx, True, True)
+            out.timings[name] = t
+        except Exception as e:  # noqa: BLE001 - one contender failing never stops the run
+            recover(ctx.device)
+            out.timings[name] = e
+    return out
 
 
 def rel_rms_error(y: torch.Tensor, ref: torch.Tensor) -> float:
