@@ -67,6 +67,16 @@ def _slot_rank(ranks_ptr, slot, R, HAS_RANKS: tl.constexpr):
 
 
 @triton.jit
+def _tile_tokens(sorted_ids_ptr, tile_start_ptr, tile_end_ptr, t, BLOCK_M: tl.constexpr):
+    """(token ids as int64, their mask) of segment tile t: its positions in sorted order, BLOCK_M at most."""
+    start = tl.load(tile_start_ptr + t)
+    end = tl.load(tile_end_ptr + t)
+    pos = start + tl.arange(0, BLOCK_M)
+    mask_m = pos < end
+    return tl.load(sorted_ids_ptr + pos, mask=mask_m, other=0).to(tl.int64), mask_m
+
+
+@triton.jit
 def _pick(i, v0, v1, v2, v3, NUM_SLICES: tl.constexpr):
     """v_i for a runtime slice index i (pointers or widths of the slices of one launch)."""
     v = v0
@@ -112,11 +122,7 @@ def _multi_lora_shrink_kernel(
     r0 = rb * BLOCK_R
     # Unused tiles, and r-blocks beyond this slot's rank, do nothing.
     if (slot >= 0) & (r0 < rank) & (s < num_slices):
-        start = tl.load(tile_start_ptr + pid_t)
-        end = tl.load(tile_end_ptr + pid_t)
-        pos = start + tl.arange(0, BLOCK_M)
-        mask_m = pos < end
-        toks = tl.load(sorted_ids_ptr + pos, mask=mask_m, other=0).to(tl.int64)
+        toks, mask_m = _tile_tokens(sorted_ids_ptr, tile_start_ptr, tile_end_ptr, pid_t, BLOCK_M)
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < rank
         a_ptr = _pick(s, a0_ptr, a1_ptr, a2_ptr, a3_ptr, NUM_SLICES)
@@ -224,11 +230,7 @@ def _multi_lora_expand_kernel(
             scale = 1.0
         else:
             scale = tl.load(scalings_ptr + slot_c)
-        start = tl.load(tile_start_ptr + pid_t)
-        end = tl.load(tile_end_ptr + pid_t)
-        pos = start + tl.arange(0, BLOCK_M)
-        mask_m = pos < end
-        toks = tl.load(sorted_ids_ptr + pos, mask=mask_m, other=0).to(tl.int64)
+        toks, mask_m = _tile_tokens(sorted_ids_ptr, tile_start_ptr, tile_end_ptr, pid_t, BLOCK_M)
         n_lo = pid_n.to(tl.int64) * BLOCK_N
         offs_n = n_lo + tl.arange(0, BLOCK_N)
         if DX:
@@ -357,11 +359,7 @@ def _multi_lora_bwd_ds_db_kernel(
     r0 = rb * BLOCK_R
     if (slot >= 0) & (r0 < rank) & (s < num_slices):
         scale = tl.load(scalings_ptr + slot)
-        start = tl.load(tile_start_ptr + pid_t)
-        end = tl.load(tile_end_ptr + pid_t)
-        pos = start + tl.arange(0, BLOCK_M)
-        mask_m = pos < end
-        toks = tl.load(sorted_ids_ptr + pos, mask=mask_m, other=0).to(tl.int64)
+        toks, mask_m = _tile_tokens(sorted_ids_ptr, tile_start_ptr, tile_end_ptr, pid_t, BLOCK_M)
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < rank
         mask_mr = mask_m[:, None] & mask_r[None, :]
