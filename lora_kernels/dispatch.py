@@ -10,7 +10,8 @@ bias) and tuning on, every candidate runs on the call's own inputs:
   dtype's tolerance; a candidate that raises, returns non-finite values or disagrees is dropped and named
   once in a warning, so a user can report it;
 * the survivors are **timed** (warm-up, then interleaved rounds over rotated copies of the inputs, median;
-  CUDA events on a GPU), and the fastest wins unless it beats the reference by less than `MARGIN`.
+  CUDA events on a GPU), and the fastest wins unless it beats the untuned default (`default_backend`) by
+  less than `MARGIN`.
 
 The choice is kept in memory and in a JSON file (`cache_path()`: ``$LORA_KERNELS_CACHE_DIR`` or
 ``~/.cache/lora_kernels``), one file per environment (device name and capability, torch, triton and
@@ -45,7 +46,7 @@ import torch
 logger = logging.getLogger("lora_kernels.dispatch")
 
 FORMAT = 1
-# A candidate replaces the reference only when its median is this much faster: timing noise must not
+# A candidate replaces the untuned default only when its median is this much faster: timing noise must not
 # trade the safe default for an equal one.
 MARGIN = 0.03
 # Relative RMS error a candidate may show against the reference (same figures as the bench's check).
