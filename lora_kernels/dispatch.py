@@ -1,7 +1,9 @@
 """Measured dispatch: which implementation `backend=None` runs, decided on the user's own device.
 
-An op (lora_linear, multi_lora_linear) hands `choose` its candidates for one phase (fwd / bwd): each a
-name, the function that implements the phase, and whether it is bitwise reproducible. On the first call
+An op family (lora_linear, multi_lora_linear, ...) declares an `OpFamily` -- its implementations per phase
+and backend, and how a call is keyed -- and makes one call, `select(family, phase, backend, args)`, for the
+function to run. `select` builds the candidates of the call's device (each a name, the function that
+implements the phase, and whether it is bitwise reproducible) and asks `choose`. On the first call
 with a new key (op, phase, device, dtypes, M rounded up to a power of two, in, out, r, slices, dropout,
 bias) and tuning on, every candidate runs on the call's own inputs:
 
@@ -38,10 +40,13 @@ import statistics
 import tempfile
 import time
 import warnings
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
+
+from lora_kernels.backends import HAS_TRITON, NATIVE, NATIVE_CUDA, TRITON_INTERPRETED, default_backend
 
 logger = logging.getLogger("lora_kernels.dispatch")
 
@@ -64,6 +69,42 @@ class Candidate:
     name: str
     fn: Callable[..., Any]
     deterministic: bool = True  # bitwise reproducible under torch.use_deterministic_algorithms(True)
+
+
+@dataclass(frozen=True, eq=False)
+class OpFamily:
+    """What an op family declares so that `select` can choose among its implementations (data, no logic).
+
+    name:         the op's name in cache keys ("lora_linear").
+    impls:        {phase: {backend: fn}}: every backend's implementation of each phase ("fwd", "bwd", ...).
+    x_arg:        {phase: index of x in the phase's arguments}: its device and dtype key the choice.
+    kernel_dtypes(phase, args) -> bool: whether the kernel backends (all but "torch") take these dtypes.
+    key_fields(phase, args) -> dict: the cache key's fields beyond op and phase (shapes, dtypes, flags).
+    outputs:      {phase: result -> the tensors verified against the reference}.
+    measured_as:  {phase: (key phase, candidate table, number of leading args)}: a phase whose choice is the one
+                  made for another (the multi-adapter training forward shares the inference forward's): its
+                  candidates are timed from that table on those args, and the chosen name runs `impls[phase]`.
+    reference:    {phase: the trusted candidate on CUDA} (default "composite"; "torch" everywhere else).
+    not_on_cuda:  {phase: backends that are no candidate of their own on CUDA}.
+    variants(phase, args) -> [Candidate] or None: tuned variants that replace the plain "triton" candidate on
+                  CUDA (GEMM tile configs).
+    stacked:      the adapter weights are lists of slice stacks (autograd plumbing, ops/plumbing.py).
+    extra_candidates(device) -> [backend]: the family's own backends that are candidates on `device` beyond
+                  `candidate_names` (qlora_linear's "bnb" where bitsandbytes imports). Measured when tuning,
+                  never the untuned default.
+    """
+    name: str
+    impls: Mapping[str, Mapping[str, Callable]]
+    x_arg: Mapping[str, int]
+    kernel_dtypes: Callable[[str, tuple], bool]
+    key_fields: Callable[[str, tuple], dict]
+    outputs: Mapping[str, Callable]
+    measured_as: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
+    reference: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    not_on_cuda: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
+    variants: Optional[Callable[[str, tuple], Optional[list]]] = None
+    stacked: bool = False
+    extra_candidates: Optional[Callable[[torch.device], Sequence[str]]] = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -266,7 +307,7 @@ def is_static(device_type: str) -> bool:
     """True when devices of this type run the fixed default: tuning is off and the cache file (of the
     current device) has no entries. The common CPU case; a dict lookup after the first call."""
     s = _static.get(device_type)
-    if s is None:
+    if s is None:  # first call for this device type (or after reset / forced_tuning)
         device = torch.device(device_type)
         s = _static[device_type] = not tuning_enabled(device) and not _table(device).entries
     return s
@@ -275,6 +316,50 @@ def is_static(device_type: str) -> bool:
 # ----------------------------------------------------------------------------------------------------
 # Choosing
 # ----------------------------------------------------------------------------------------------------
+
+def candidate_names(device: torch.device) -> list[str]:
+    """The backends that are candidates on `device`, the reference and the untuned default among them."""
+    if device.type == "cuda":
+        return (["composite", "triton"] if HAS_TRITON else ["torch"]) + (["native"] if NATIVE_CUDA else [])
+    names = ["torch"] + (["native"] if NATIVE is not None else [])
+    if HAS_TRITON and TRITON_INTERPRETED and tuning_enabled(device):
+        names += ["composite", "triton"]  # interpreted: to exercise the machinery in tests, never the default
+    return names
+
+
+def select(family: OpFamily, phase: str, backend: Optional[str], args: tuple) -> Callable:
+    """The function that runs `family`'s `phase` on `args`: the named backend's, or for None / "auto" the one
+    measured dispatch chose for this call's key (the untuned default when nothing is measured). The one call
+    an op makes to choose."""
+    impls = family.impls[phase]
+    if backend is not None and backend != "auto":
+        return impls[backend]
+    x = args[family.x_arg[phase]]
+    dev_type = "cuda" if x.is_cuda else "cpu" if x.is_cpu else x.device.type  # x.device costs ~0.5 µs
+    if is_static(dev_type):  # nothing measured and no tuning here: the fixed default
+        name = default_backend(dev_type)
+        return impls[name if name == "torch" or family.kernel_dtypes(phase, args) else "torch"]
+    if not family.kernel_dtypes(phase, args):
+        return impls["torch"]
+    key_phase, table, nargs = family.measured_as.get(phase, (phase, impls, len(args)))
+    device = x.device
+    names = [n for n in candidate_names(device)
+             if not (device.type == "cuda" and n in family.not_on_cuda.get(phase, ()))]
+    if family.extra_candidates is not None:
+        names += [n for n in family.extra_candidates(device) if n not in names]
+    # Native CUDA kernels split K with atomics whatever torch's deterministic flag says.
+    cands = [Candidate(n, table[n], deterministic=not (n == "native" and device.type == "cuda")) for n in names]
+    if device.type == "cuda" and family.variants is not None and "triton" in names:
+        extra = family.variants(phase, args)
+        if extra is not None:
+            cands = [c for c in cands if c.name != "triton"] + extra
+    if len(cands) == 1:
+        return impls[cands[0].name]
+    ref = family.reference.get(phase, "composite") if device.type == "cuda" and HAS_TRITON else "torch"
+    c = choose(family.name, key_phase, family.key_fields(phase, args), device, cands, ref,
+               default_backend(dev_type), args[:nargs], family.outputs[key_phase], x.dtype)
+    return c.fn if table is impls else impls[c.name]
+
 
 def key_string(op: str, phase: str, fields: dict) -> str:
     return op + "/" + phase + "/" + ",".join(f"{k}={v}" for k, v in fields.items())

@@ -81,3 +81,59 @@ def test_lora_batch_from_python_ids_copies_through_pinned_memory(monkeypatch):
     t = multi_lora._ids_tensor([0, 1, -1], "cuda")
     monkeypatch.undo()
     assert calls == ["pin", ("to", "cuda", True)] and t.tolist() == [0, 1, -1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host reads per multi-adapter training step (issue 18): only while the step's batch is built
+# ----------------------------------------------------------------------------------------------------
+
+_READS = ("tolist", "item", "__int__", "__float__", "__bool__", "__index__")
+
+
+def _count_package_reads(monkeypatch) -> list:
+    """Patch the Tensor methods that read values to the host; record each call made from lora_kernels' code
+    (not from torch, transformers or the tests) as (method, file, line)."""
+    import sys
+    seen = []
+    for name in _READS:
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _real=real, _name=name, **k):
+            code = sys._getframe(1).f_code.co_filename.replace("\\", "/")
+            if "/lora_kernels/" in code and "/tests/" not in code:
+                seen.append((_name, code.rsplit("/lora_kernels/", 1)[1], sys._getframe(1).f_lineno))
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return seen
+
+
+def _training_step_reads(monkeypatch, layers: int, backend) -> list:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from lora_kernels.serving import MultiLoRAModel
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2)
+    mm = MultiLoRAModel(LlamaForCausalLM(cfg), max_loras=4, max_rank=8, backend=backend)
+    mm.add_adapter("de", dict(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"))
+    mm.add_adapter("fr", dict(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "down_proj"]))
+    mm.train()
+    ids = torch.randint(0, 64, (3, 5))
+    names = ["de", None, "fr"]
+    mm(ids, labels=ids, adapter_names=names).loss.backward()  # warm-up: lazy imports, caches
+    with monkeypatch.context() as m:
+        seen = _count_package_reads(m)
+        mm(ids, labels=ids, adapter_names=names).loss.backward()
+    return seen
+
+
+@pytest.mark.parametrize("backend", [None] + [b for b in lora_kernels.available_backends("cpu")])
+def test_multi_adapter_training_step_reads_do_not_grow_with_layers(monkeypatch, backend):
+    """One training step with dropout on two adapters: the host reads our code makes (.tolist(), .item(), int(t),
+    ...; each one a sync on CUDA) happen while the step's batch is built, not per layer. Before issue 18 a 2-layer
+    Llama made 232 of them and a 4-layer one 464."""
+    two = _training_step_reads(monkeypatch, 2, backend)
+    four = _training_step_reads(monkeypatch, 4, backend)
+    assert len(four) == len(two), f"2 layers: {len(two)} reads {sorted(set(two))}; 4 layers: {len(four)} reads " \
+                                  f"{sorted(set(four))}"
+    assert len(two) <= 8, sorted(set(two))

@@ -19,6 +19,7 @@ import torch
 import lora_kernels as lk
 from lora_kernels.dropout import keep_threshold, new_seed
 from lora_kernels.ops import multi_lora as ops
+from lora_kernels.ops import multi_lora_torch
 from lora_kernels.ops.multi_lora import LoRABatch
 
 from conftest import assert_close_to_ref
@@ -27,7 +28,7 @@ from test_multi_lora_grad import _check, _problem, _reference
 
 triton = pytest.importorskip("triton", reason="the multi-adapter Triton kernels")
 
-from lora_kernels.kernels import multi_lora as k  # noqa: E402
+from lora_kernels.kernels import aot_cases, multi_lora as k  # noqa: E402
 from test_kernels_multi_lora import _AtomicSpy  # noqa: E402
 
 INTERPRETED = "triton" in lk.available_backends("cpu")
@@ -147,7 +148,7 @@ def test_training_forward_never_builds_x_hat(monkeypatch, backend):
     def fail(*a, **kw):
         raise AssertionError("x̂ was materialised")
 
-    monkeypatch.setattr(ops, "_dropped_input", fail)
+    monkeypatch.setattr(ops, "dropped_input", fail)
     _check(backend, _grad_problem("uniform-2slices"))
 
 
@@ -158,12 +159,12 @@ def test_registered_as_own_backward_and_launches(monkeypatch):
     """"triton" and "composite" run their own backward: the grouped kernels (never the torch per-segment loops), dx's
     term through the expand kernel in DX mode; the training forward of "triton" is the fused GEMM (it returns S),
     that of "composite" cuBLAS + expand."""
-    assert {"triton", "composite"} <= set(ops._OWN_BWD)
+    assert all(ops.IMPLS[b][1] is not ops.torch_bwd for b in ("triton", "composite"))
 
     def no_segments(*a):
         raise AssertionError("the torch implementation ran")
 
-    monkeypatch.setattr(ops, "_segments", no_segments)
+    monkeypatch.setattr(multi_lora_torch, "_segments", no_segments)
     names = []
     orig = k.Launch.run
     monkeypatch.setattr(k.Launch, "run", lambda l: names.append((l.kernel_name(), dict(l.constexprs))) or orig(l))
@@ -256,7 +257,7 @@ def test_bwd_grids_fill_the_gpu(K, widths, T):
     """bf16, rank 16, 64 slots, every token on one slot (the fewest tiles): the dS/dB pass and the dA walk still give
     at least ~one CTA per SM of an H100 where the problem has that much work, and the grids stay bounded (programs
     of unused tiles exit at once). Deterministic plans split nothing and walk every tile in one program per block."""
-    x, W, bias, A, B, S, y, bt, sc, ranks = k._meta_problem(T, K, widths, 16, 64, torch.bfloat16, True, False)
+    x, W, bias, A, B, S, y, bt, sc, ranks = aot_cases.multi_lora_meta(T, K, widths, 16, 64, torch.bfloat16, True, False)
     launches = k.plan_bwd(y, x, A, B, S, x, bt, sc, ranks)[0]
     ds_db = [l for l in launches if l.kernel is k._multi_lora_bwd_ds_db_kernel]
     (da,) = [l for l in launches if l.kernel is k._multi_lora_bwd_da_kernel]
@@ -281,7 +282,7 @@ def test_report_and_aot_cover_the_backward():
     walk, dx's expand in DX mode (dropout as the case says) and the casts to bf16; every launch of them, and the
     deterministic and B-less variants, are in the ahead-of-time list."""
     cases = {}
-    for case, launch in k.report_launches():
+    for case, launch in aot_cases.report_launches("multi_lora"):
         if "[bwd]" in case:
             cases.setdefault(case, []).append(launch)
     assert len(cases) == 2 * 2 * 2
@@ -291,7 +292,7 @@ def test_report_and_aot_cover_the_backward():
                                k._multi_lora_expand_kernel], case
         assert launches[2].constexprs["DX"] and launches[2].constexprs["HAS_DROPOUT"] == case.endswith("p=0.1")
         assert all(l.kernel_name() == "_sum_splits_kernel" for l in launches[3:]), case
-    aot = list(k.aot_launches())
+    aot = list(aot_cases.aot_launches("multi_lora"))
     keys = {(l.describe(), tuple(sorted(l.signature().items()))) for l in aot}
     for launches in cases.values():
         assert all((l.describe(), tuple(sorted(l.signature().items()))) in keys for l in launches)

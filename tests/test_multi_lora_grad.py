@@ -15,6 +15,7 @@ import lora_kernels as lk
 from lora_kernels import dispatch, reference as ref
 from lora_kernels.dropout import new_seed
 from lora_kernels.ops import multi_lora as ops
+from lora_kernels.ops import plumbing
 from lora_kernels.ops.multi_lora import LoRABatch, multi_lora_linear
 
 from conftest import assert_close_to_ref
@@ -238,7 +239,7 @@ def test_mask_is_lora_linears_mask(backend, generator, monkeypatch):
     """One slot, x = 1, A = I: S = x̂ Aᵀ is m / (1 - p), bit for bit lk.dropout_mask's -- the mask lora_linear
     regenerates -- with the extension's generator and with the int64 Philox fallback."""
     if generator == "philox":
-        monkeypatch.setattr(ops, "_native_dropout_ok", lambda t: False)
+        monkeypatch.setattr(plumbing, "native_dropout_ok", lambda t: False)
     elif lk.backends.NATIVE is None:
         pytest.skip("the lora_kernels._C extension is not built")
     T, K, q = 21, 18, 0.3
@@ -353,20 +354,18 @@ def test_no_autograd_without_grad(backend):
     assert y2.grad_fn is None and torch.equal(y, y2)
     y3, *_ = _forward(p, backend, need=(False, True, False))
     node = y3.grad_fn.next_functions[0][0]  # under the view to [..., out]
-    assert type(node).__name__ == "_MultiLoRALinearFunctionBackward", y3.grad_fn
+    assert type(node).__name__ == "LoRAFunctionBackward", y3.grad_fn
     # Not bitwise for "triton": inference runs its fused GEMM, training the composite schedule (it keeps S).
     torch.testing.assert_close(y3, y, rtol=1e-5, atol=1e-5)
 
 
 def test_measured_dispatch(tmp_path, monkeypatch):
     """backend=None with tuning on: the forward runs what the "fwd" key measured, the backward what the "bwd"
-    key measured among the backends with a backward of their own (a second one is forced into the candidates,
-    so the machinery runs whatever this machine offers); the gradients are the reference's either way."""
+    key measured among the backends with a backward of their own (every backend on CPU has one, so the machinery
+    runs whatever this machine offers); the gradients are the reference's either way."""
     monkeypatch.setenv("LORA_KERNELS_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("LORA_KERNELS_TUNE", "1")
     others = [b for b in lk.available_backends("cpu") if b != "torch"]
-    if others:
-        monkeypatch.setattr(ops, "_OWN_BWD", ("torch", others[0]))
     dispatch.reset()
     try:
         _check(None, _problem(**{**CASES["distinct"], "dropout": 0.2}))
