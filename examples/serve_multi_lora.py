@@ -5,7 +5,8 @@ and target modules, loads them into a `MultiLoRAModel` with two slots (so the th
 recently used adapter), and greedily generates for a mixed batch. Each sequence is checked against PEFT
 running that sequence's adapter alone. Then it times the forward pass of the mixed batch against PEFT's own
 mixed-batch path (a PeftModel holding the same adapters, called with adapter_names=) and says which
-backend ran.
+backend ran. Last, a request for the evicted adapter brings it back from the host tier, and the cache
+counters (`stats()`) are printed.
 
     python examples/serve_multi_lora.py                   # fastest backend for the device
     TRITON_INTERPRET=1 python examples/serve_multi_lora.py --backend triton   # Triton kernels on CPU
@@ -69,12 +70,13 @@ def main() -> None:
         paths = {name: save_adapter(base, Path(tmp) / name, seed=i, **cfg)
                  for i, (name, cfg) in enumerate(adapters.items())}
 
-        server = MultiLoRAModel(copy.deepcopy(base), max_loras=2, max_rank=8, backend=args.backend)
-        print(f"wrapped {len(server.layers)} linear layers, 2 adapter slots of rank <= 8")
+        # max_cpu_loras: validated tensors of the 3 most recently used adapters stay in host memory.
+        server = MultiLoRAModel(copy.deepcopy(base), max_loras=2, max_rank=8, backend=args.backend, max_cpu_loras=3)
+        print(f"wrapped {len(server.layers)} linear layers, 2 adapter slots of rank <= 8, 3 in host memory")
         server.load_adapter("summarize", paths["summarize"])
         server.load_adapter("translate", paths["translate"])
         server.load_adapter("code", paths["code"])  # both slots full: evicts the least recently used
-        print("loaded:", server.adapters, "(summarize was evicted)")
+        print("in slots:", server.adapters, "(summarize was evicted; it stays registered)")
 
         g = torch.Generator().manual_seed(1)
         input_ids = torch.randint(1, 128, (4, 5), generator=g).to(device)
@@ -104,6 +106,11 @@ def main() -> None:
               f"{args.reps}: {ours} {t_ours:.2f} ms, PEFT {t_peft:.2f} ms -> {t_peft / t_ours:.2f}x")
         from lora_kernels import diagnostics
         print(f"lora_kernels ran: {diagnostics.backend_summary(torch.device(device), args.backend)}")
+
+        # An evicted adapter comes back when a request names it (here from the host tier, no disk read).
+        with torch.no_grad():
+            server(input_ids[:1], attention_mask=attention_mask[:1], adapter_names=["summarize"])
+        print("in slots:", server.adapters, "| cache counters:", server.stats())
 
 
 def time_interleaved(calls: dict, device: str, reps: int) -> dict:

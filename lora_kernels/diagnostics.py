@@ -209,6 +209,24 @@ def backend_summary(device: torch.device, backend: Optional[str] = None) -> str:
     return line
 
 
+def _vllm_status() -> Optional[dict]:
+    """vLLM's presence and whether lora_kernels is its LoRA backend (reads metadata; never imports vLLM)."""
+    try:
+        from lora_kernels.integrations.vllm import vllm_status
+
+        return vllm_status()
+    except Exception as e:  # noqa: BLE001 - info must print whatever the environment holds
+        return {"installed": None, "active": False, "reason": f"{type(e).__name__}: {e}"}
+
+
+def _serving_stats() -> list[dict]:
+    """`MultiLoRAModel.stats()` of every live model in this process (none in a fresh `python -m lora_kernels
+    info`: call info() from the serving process to see its cache counters)."""
+    from lora_kernels.serving.model import LIVE
+
+    return [m.stats() for m in list(LIVE)]
+
+
 def info(device: Optional[torch.device] = None) -> dict:
     """Everything `python -m lora_kernels info` prints, as a dict (JSON-serialisable)."""
     import lora_kernels
@@ -225,6 +243,8 @@ def info(device: Optional[torch.device] = None) -> dict:
         "backends": backend_status(device),
         "extension": extension_info(),
         "dispatch": dispatch_info(device),
+        "vllm": _vllm_status(),
+        "serving": _serving_stats(),
         "env": {k: os.environ[k] for k in ("TRITON_INTERPRET", "LORA_KERNELS_TUNE", "LORA_KERNELS_CACHE_DIR",
                                            "CUDA_VISIBLE_DEVICES", "LORA_KERNELS_NO_EXT") if k in os.environ},
     }
@@ -279,6 +299,15 @@ def format_info(d: dict) -> str:
             lines.append(f"  {k}: {choice}")
         for k, v in (disp.get("rejected") or {}).items():
             lines.append(f"  rejected for {k}: {v}")
+    v = d.get("vllm")
+    if v is not None:  # lora_kernels as vLLM's LoRA backend (lora_kernels/integrations/vllm.py)
+        lines += ["", f"vLLM         {v['installed'] or 'not installed'}; lora_kernels backend "
+                      + ("active" if v["active"] else f"inactive ({v['reason']})")]
+    served = d.get("serving")
+    if served is not None:
+        lines += ["", f"serving      {len(served)} MultiLoRAModel(s) in this process; cache counters per model: "
+                      "MultiLoRAModel.stats()"]
+        lines += ["  " + ", ".join(f"{k}={v}" for k, v in st.items()) for st in served]
     if d["env"]:
         lines += ["", "environment  " + "  ".join(f"{k}={v}" for k, v in d["env"].items())]
     return "\n".join(lines)

@@ -14,12 +14,13 @@ import pytest
 import torch
 
 pytest.importorskip("transformers", reason="MultiLoRAModel tests need `transformers`")
-pytest.importorskip("peft", reason="the tests save real PEFT adapters")
+peft = pytest.importorskip("peft", reason="the tests save real PEFT adapters")
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="PEFT adapters are saved as safetensors")
 
 import safetensors  # noqa: E402
 
 from lora_kernels import serving  # noqa: E402
+from lora_kernels.serving import adapter_files  # noqa: E402
 from lora_kernels.serving import AdapterError, MultiLoRAModel  # noqa: E402
 
 from test_serving import _save_adapter, _tiny_llama  # noqa: E402
@@ -52,7 +53,9 @@ def snapshot(m):
     """Raw bytes of every slot buffer, and the slot table."""
     bufs = {f"{n}.{b}": t.detach().clone().contiguous().view(torch.uint8) for n, l in m.layers.items()
             for b, t in l.named_buffers()}
-    return bufs, (dict(m._slots), list(m._slot_names), dict(m._last_used), dict(m._pins))
+    st = m._store
+    return bufs, (dict(st.slots), list(st.slot_names), dict(st.last_used), dict(st.pins), dict(st.sources),
+                  list(st.host), st.stats())
 
 
 def assert_unchanged(m, snap):
@@ -268,7 +271,25 @@ CONFIG_CASES = {
     "redos_backref": (lambda c: c.update(alpha_pattern={r"(.*)\1X": 4}), r"a backreference"),
     "pattern_too_long": (lambda c: c.update(alpha_pattern={"q" * 300: 4}), r"longer than 256 characters"),
     "not_lora": (lambda c: c.update(peft_type="IA3"), r"peft_type 'IA3' is not LORA"),
-    "dora": (lambda c: c.update(use_dora=True), r"use_dora=True is not supported"),
+    # DoRA is served (tests/test_multi_dora.py); a DoRA config over tensors without magnitudes is refused.
+    "dora_without_magnitudes": (lambda c: c.update(use_dora=True),
+                                r"'.*_proj' has no lora_magnitude_vector \(use_dora=true in adapter_config\.json\)"),
+    # target_modules as PEFT reads it (suffixes, or a regex the whole module name must match): one that
+    # matches no module is refused as PEFT refuses it, one that leaves out modules the tensors adapt too
+    # (PEFT would ignore those tensors, so serving them would not be the adapter PEFT serves).
+    "targets_nothing": (lambda c: c.update(target_modules=["nope", "k_proj2"]),
+                        r"adapter_config\.json: Target modules \{'k_proj2', 'nope'\} not found in the base model"),
+    "targets_regex_nothing": (lambda c: c.update(target_modules="q_proj|v_proj"),  # no name is just "q_proj"
+                              r"Target modules 'q_proj\|v_proj' not found in the base model"),
+    "targets_fewer_than_tensors": (lambda c: c.update(target_modules=["q_proj"]),
+                                   r"adapter_model\.safetensors: tensors for \['model\.layers\.0\.self_attn\.v_proj', "
+                                   r"'model\.layers\.1\.self_attn\.v_proj'\], which target_modules=\['q_proj'\] in "
+                                   r"adapter_config\.json does not target"),
+    "targets_regex_fewer": (lambda c: c.update(target_modules=r".*\.q_proj"), r"\.v_proj'\], which target_modules="),
+    "targets_unsafe_regex": (lambda c: c.update(target_modules="(.*)*q_proj"),
+                             r"target_modules '\(\.\*\)\*q_proj' is refused: a repetition inside a repetition"),
+    "targets_not_strings": (lambda c: c.update(target_modules=[1]),
+                            r"target_modules must be a string or a list of strings, got \[1\]"),
 }
 
 
@@ -279,6 +300,25 @@ def test_absurd_configs(mm, good, tmp_path, spy, case):
     msg = expect(mm, path, AdapterError, pattern)
     assert "adapter_config.json" in msg or "adapter_model.safetensors" in msg, msg
     assert spy.reads == []
+
+
+def test_peft_refuses_a_config_that_targets_nothing_too(mm, good, tmp_path):
+    """The message is PEFT's own (NoMatchingPeftModuleError), so a user who knows one knows the other."""
+    base, path = good
+    bad = copy_adapter(path, tmp_path / "nothing", cfg=lambda c: c.update(target_modules=["nope"]))
+    msg = r"Target modules \{'nope'\} not found in the base model\. Please check the target modules and try again\."
+    with pytest.raises(ValueError, match=msg):
+        peft.PeftModel.from_pretrained(copy.deepcopy(base), str(bad))
+    expect(mm, bad, AdapterError, msg)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["model.layers.0.self_attn.q_proj", "v_proj", "q_proj"],
+                                     r".*\.(q|v)_proj", "all-linear", None],
+                         ids=["suffixes", "full_names", "regex", "all_linear", "absent"])
+def test_target_modules_that_cover_the_tensors_load(mm, good, tmp_path, targets):
+    path = copy_adapter(good[1], tmp_path / "t", cfg=lambda c: c.update(target_modules=targets))
+    mm.load_adapter("a", path)
+    assert all(int(layer.ranks[0]) == 4 for layer in mm.layers.values())
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", "", "\xff\xfe", "[" * 100_000 + "]" * 100_000])
@@ -339,7 +379,7 @@ def test_missing_and_empty_directories(mm, good, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ non-finite weights
-# Policy (serving.MultiLoRAModel.load_adapter): rejected with AdapterError, also when the cast to the slots'
+# Policy (serving.adapter_files.read_adapter): rejected with AdapterError, also when the cast to the slots'
 # dtype overflows. A served adapter never turns its tokens' outputs into inf / NaN.
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
@@ -378,7 +418,68 @@ def test_legitimate_pattern_keys_still_apply(mm, good, tmp_path):
 
 
 def test_pattern_matching_time_budget(mm, good, tmp_path, monkeypatch):
-    monkeypatch.setattr(serving, "PATTERN_BUDGET_S", -1.0)
+    monkeypatch.setattr(adapter_files, "PATTERN_BUDGET_S", -1.0)
     path = copy_adapter(good[1], tmp_path / "slow", cfg=lambda c: c.update(rank_pattern={"v_proj": 4}))
     expect(mm, path, AdapterError, r"adapter_config\.json: matching rank_pattern / alpha_pattern against the "
                                    r"adapter's modules took over -1\.0 s")
+
+
+# ------------------------------------------------------------------------------------ adapter_files alone
+# read_adapter knows no model: the same hostile directories, checked against plain data -- {module: (in,
+# out)} of the layers, a max rank and a dtype. Every one raises the same error, reading no tensor data.
+
+@pytest.fixture(scope="module")
+def layers(good):
+    return {n: (m.in_features, m.out_features) for n, m in good[0].named_modules() if n.endswith(tuple(TARGETS))}
+
+
+def expect_alone(layers, path, exc, *patterns, dtype=torch.float32):
+    with pytest.raises(exc) as info:
+        adapter_files.read_adapter(path, layers, 8, dtype)
+    for p in patterns:
+        assert re.search(p, str(info.value)), f"{p!r} not in: {info.value}"
+
+
+@pytest.mark.parametrize("case", list(HEADER_CASES))
+def test_alone_header_problems(layers, good, tmp_path, spy, case):
+    edit, patterns = HEADER_CASES[case]
+    expect_alone(layers, copy_adapter(good[1], tmp_path / case, state=edit), AdapterError, *patterns)
+    assert spy.reads == []
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_alone_configs(layers, good, tmp_path, spy, case):
+    edit, pattern = CONFIG_CASES[case]
+    expect_alone(layers, copy_adapter(good[1], tmp_path / case, cfg=edit), AdapterError, pattern)
+    assert spy.reads == []
+
+
+def test_alone_broken_files(layers, good, tmp_path):
+    cut = copy_adapter(good[1], tmp_path / "cut")
+    (cut / ST).write_bytes((cut / ST).read_bytes()[:100])
+    expect_alone(layers, cut, AdapterError, r"corrupt adapter weights in \S*adapter_model\.safetensors")
+    marker = tmp_path / "marker"
+    evil = copy_adapter(good[1], tmp_path / "evil", fmt="bin")
+    torch.save({f"{Q}.lora_A.weight": _MakesFile(marker)}, str(evil / BIN))
+    expect_alone(layers, evil, AdapterError, "Weights only load failed")
+    assert not marker.exists()
+    nan = copy_adapter(good[1], tmp_path / "nan", state=_edit("q_proj.lora_B.weight", lambda b: b * float("nan")))
+    expect_alone(layers, nan, AdapterError, "has non-finite values")
+    big = copy_adapter(good[1], tmp_path / "big", state=_edit("v_proj.lora_A.weight", lambda a: a * 0 + 1e6))
+    expect_alone(layers, big, AdapterError, r"overflows when cast to the slots' dtype torch\.float16",
+                 dtype=torch.float16)
+    expect_alone(layers, good[1] / ST, NotADirectoryError, "is a file")
+    expect_alone(layers, tmp_path / "nope", FileNotFoundError, "does not exist")
+
+
+def test_alone_valid_adapter(layers, good):
+    """Exactly the file's tensors, per module, in the asked dtype and in memory of their own, with PEFT's
+    scaling (lora_alpha / r = 8 / 4)."""
+    weights = adapter_files.read_adapter(good[1], layers, 8, torch.float16)
+    raw = safetensors_torch.load_file(str(good[1] / ST))
+    assert weights.path == good[1] and set(weights.modules) == set(layers)
+    for module, (A, B, scaling) in weights.modules.items():
+        assert A.dtype == B.dtype == torch.float16 and scaling == 2.0
+        assert torch.equal(A, raw[f"base_model.model.{module}.lora_A.weight"].half())
+        assert torch.equal(B, raw[f"base_model.model.{module}.lora_B.weight"].half())
+        assert not A.is_pinned()

@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers", reason="MultiLoRAModel tests 
 peft = pytest.importorskip("peft", reason="the PEFT comparisons need `peft`")
 
 from lora_kernels import serving  # noqa: E402
+from lora_kernels.serving import adapter_files  # noqa: E402
 from lora_kernels.serving import MultiLoRAModel  # noqa: E402
 
 # Tiny models on a loaded 2-core machine: one thread is ~20x faster than contended intra-op threads.
@@ -229,7 +230,7 @@ def test_save_adapter_is_atomic(base, tmp_path, monkeypatch):
     with torch.no_grad():
         for p in mm.parameters_of("a"):
             p.add_(1.0)
-    real, calls = serving._write_file, []
+    real, calls = adapter_files._write_file, []
 
     def failing(p, data):  # dies after the config, before the weights file is complete
         calls.append(p.name)
@@ -237,7 +238,7 @@ def test_save_adapter_is_atomic(base, tmp_path, monkeypatch):
             p.write_bytes(data[: len(data) // 2])
             raise OSError("disk full")
         real(p, data)
-    monkeypatch.setattr(serving, "_write_file", failing)
+    monkeypatch.setattr(adapter_files, "_write_file", failing)
     for target in (path, tmp_path / "new"):
         calls.clear()
         with pytest.raises(OSError, match="disk full"):
@@ -250,7 +251,7 @@ def test_save_adapter_is_atomic(base, tmp_path, monkeypatch):
     with pytest.raises(FileExistsError):  # a directory that is not an adapter is never replaced
         (tmp_path / "other").mkdir()
         (tmp_path / "other" / "notes.txt").write_text("x")
-        monkeypatch.setattr(serving, "_write_file", real)
+        monkeypatch.setattr(adapter_files, "_write_file", real)
         mm.save_adapter("a", tmp_path / "other")
 
 

@@ -1,11 +1,14 @@
 """A stateful model of MultiLoRAModel: a seeded random walk of loads (valid and broken directories, re-loading
-a name under another adapter), evictions, unloads, pins and forwards (per-sequence names with None and unknown
-names), checked after every step against a plain-Python model of the slot table and its LRU order:
+a name under another adapter), evictions, unloads, pins and forwards (per-sequence names with None, unknown
+names and evicted ones, which come back), checked after every step against a plain-Python model of the slot
+table, the registered names and the LRU order:
 
 * the slot table equals the model's, and every slot holds exactly the weights PEFT loads from that adapter's
   files (an empty slot is all zeros);
 * an adapter in use (pinned by `running`) is never evicted, reloaded or unloaded;
 * a failed operation (bad directory, unknown name, all slots in use) raises a clear error and changes nothing;
+* a forward naming an evicted adapter brings it back into a slot (evicting the least recently used adapter
+  that the batch does not use and no pin holds);
 * a mixed batch's logits equal PEFT's per-sequence logits (spot-checked every SPOT_EVERY steps).
 
 A failure names the walk's seed and step and the last operations, so it replays exactly.
@@ -78,10 +81,11 @@ def slot_contents(peft_model) -> dict[str, tuple]:
 
 
 class SlotModel:
-    """The slot table and LRU order MultiLoRAModel must keep, written the obvious way."""
+    """The slot table, registrations and LRU order MultiLoRAModel must keep, written the obvious way."""
 
     def __init__(self, max_loras):
         self.slots = [None] * max_loras          # slot -> (name, adapter) or None
+        self.registered = {}                     # name -> adapter, in a slot or not
         self.last_used, self.pins, self.clock = {}, {}, 0
 
     def names(self):
@@ -108,30 +112,47 @@ class SlotModel:
             slot = loaded[victim]
             del self.last_used[victim]
         self.slots[slot] = (name, adapter)
+        self.registered[name] = adapter
         self.touch(name)
         return slot
 
     def unload(self, name):
         loaded = self.names()
-        if name not in loaded:
+        if name not in self.registered:
             return KeyError
         if self.pins.get(name):
             return RuntimeError
-        self.slots[loaded[name]] = None
-        del self.last_used[name]
+        if name in loaded:
+            self.slots[loaded[name]] = None
+            del self.last_used[name]
+        del self.registered[name]
 
     def use(self, names):
-        """A forward / pin: LRU update in first-appearance order, or KeyError for an unknown name."""
-        loaded = self.names()
-        if any(n is not None and n not in loaded for n in names):
+        """A forward / pin: registered adapters not in a slot come in (a free slot first, else the least
+        recently used adapter the batch does not use and no pin holds), then the LRU update in
+        first-appearance order; or the error: KeyError for an unknown name, RuntimeError for no slot."""
+        distinct = [n for n in dict.fromkeys(names) if n is not None]
+        if any(n not in self.registered for n in distinct):
             return KeyError
-        for n in dict.fromkeys(names):
-            if n is not None:
-                self.touch(n)
+        loaded = self.names()
+        missing = [n for n in distinct if n not in loaded]
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        idle = sorted((n for n in loaded if n not in distinct and not self.pins.get(n)), key=self.last_used.get)
+        if len(missing) > len(free) + len(idle):
+            return RuntimeError
+        targets = free[:len(missing)] + [loaded[n] for n in idle[:max(0, len(missing) - len(free))]]
+        for n, slot in zip(missing, targets):
+            if self.slots[slot] is not None:
+                del self.last_used[self.slots[slot][0]]
+            self.slots[slot] = (n, self.registered[n])
+        for n in distinct:
+            self.touch(n)
+        return missing
 
 
 def check_slots(mm, model, contents):
     assert mm.adapters == model.names(), "slot table"
+    assert mm._store.names() == sorted(model.registered), "registered names"
     for slot, entry in enumerate(model.slots):
         expected = contents[entry[1]] if entry else {}
         for module, layer in mm.layers.items():
@@ -158,8 +179,8 @@ def walk(world, backend, steps, seed, spot_every):
     model = SlotModel(MAX_LORAS)
     pins: list[tuple[contextlib.ExitStack, list]] = []
     log: list[str] = []
-    counts = dict.fromkeys(["load", "load_bad", "evict", "reload", "unload", "forward", "unknown", "busy", "pin",
-                            "spot"], 0)
+    counts = dict.fromkeys(["load", "load_bad", "evict", "reload", "unload", "forward", "bring_back", "unknown",
+                            "busy", "busy_forward", "pin", "spot"], 0)
     ids_all, mask_all = _inputs()
 
     def expect_error(exc, fn, *args, match=None):
@@ -196,19 +217,25 @@ def walk(world, backend, steps, seed, spot_every):
                     expect_error(err, mm.unload_adapter, name, match="unknown adapter" if err is KeyError else "in use")
             elif op == "forward":
                 b = rng.randint(1, 3)
-                choices = list(model.names()) + [None] + (["zz"] if rng.random() < 0.15 else [])
+                choices = sorted(model.registered) + [None] + (["zz"] if rng.random() < 0.15 else [])
                 names = [rng.choice(choices) for _ in range(b)]
                 log.append(f"{step}: forward({names})")
                 ids, mask = ids_all[:b, -3:], mask_all[:b, -3:]
-                if model.use(names) is KeyError:
+                used = model.use(names)
+                if used is KeyError:
                     counts["unknown"] += 1
                     with pytest.raises(KeyError, match=r"unknown adapter 'zz'; loaded: \["):
+                        mm(ids, attention_mask=mask, adapter_names=names)
+                elif used is RuntimeError:
+                    counts["busy_forward"] += 1
+                    with pytest.raises(RuntimeError, match="used by running batches"):
                         mm(ids, attention_mask=mask, adapter_names=names)
                 else:
                     with torch.no_grad():
                         out = mm(ids, attention_mask=mask, adapter_names=names).logits
                     assert out.shape == (b, 3, 128) and torch.isfinite(out).all()
                     counts["forward"] += 1
+                    counts["bring_back"] += bool(used)
             elif op == "pin" and len(pins) < 2 and model.names():
                 names = rng.sample(sorted(model.names()), k=min(2, len(model.names())))
                 log.append(f"{step}: running({names})")
@@ -235,7 +262,7 @@ def walk(world, backend, steps, seed, spot_every):
                                  "last operations:\n  " + "\n  ".join(log[-12:])) from e
     for stack, _ in pins:
         stack.close()
-    assert not mm._pins, "pins left behind after every running() ended"
+    assert not mm._store.pins, "pins left behind after every running() ended"
     return counts
 
 
