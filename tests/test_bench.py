@@ -164,11 +164,11 @@ def test_module_entry_points_help(module):
 
 
 def test_unknown_names_are_rejected(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match=r"unknown model \['gpt5'\]; choose from .*llama3-8b"):
         cli.main(["--models", "gpt5", "--no-peaks"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match=r"unknown lora_linear contender \['nope'\]; choose from .*'ours'"):
         cli.main(["--suite", "lora_linear", "--contenders", "nope", "--no-peaks", "--device", "cpu"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match=r"--dropouts must lie in \[0, 1\), got \[1\.5\]"):
         cli.main(["--dropouts", "1.5", "--no-peaks", "--device", "cpu"])
 
 
@@ -320,3 +320,40 @@ def test_a_busy_cpu_is_timed_with_one_thread(tmp_path, monkeypatch, capsys, busy
     assert ("timing with 1 thread" in capsys.readouterr().out) == (busy and threads > 1)
     assert cli.main(args + ["--threads", "2"]) == 0  # an explicit choice wins
     assert _data(tmp_path)["machine"]["cpu_threads"] == 2
+
+
+def test_qlora_suite_runs_on_tiny_shapes():
+    """The qlora suite (bench_qlora) on tiny shapes: every contender timed in each row, ratios against PEFT + bnb,
+    the floor of the fwd+bwd row, the base path named, the goals printed (met or not: no timing asserts)."""
+    pytest.importorskip("bitsandbytes", reason="the qlora suite needs bitsandbytes: pip install 'lora_kernels[qlora]'")
+    pytest.importorskip("peft", reason="the qlora suite needs peft")
+    from lora_kernels.bench import bench_qlora as bq
+    from lora_kernels.bench.common import Context
+    ctx = Context(device=torch.device("cpu"), dtype=torch.float32, adapter_dtype=torch.float32, budget_ms=1)
+    rows = bq.run(ctx, tiny=True)
+    assert {(r["phase"], r["tokens"]) for r in rows} == {(p, t) for p, t, *_ in bq.cases(tiny=True)}
+    assert all(r["status"] == "ok" and r["ms"] > 0 and r["base_path"] for r in rows), [r for r in rows if
+                                                                                       r["status"] != "ok"]
+    ours = [r for r in rows if r["contender"] == bq.OURS]
+    assert all("vs_peft" in r and "lora_side" in r for r in ours)
+    assert "floor_ms" in [r for r in ours if r["phase"] == "fwd+bwd"][0]
+    assert "fused dequant-GEMV" in [r for r in ours if r["tokens"] == 1][0]["base_path"]
+    assert len(bq.goal_lines(rows)) == len(bq.GOALS) and "ours" in bq.table(rows)
+
+
+def test_dora_suite_runs_on_tiny_shapes():
+    """The dora suite (bench_dora) on tiny shapes: every contender timed in each row, the W0 Aᵀ product in the
+    fwd+bwd rows, ours_dora's ratios against PEFT's DoRA and against the floor, goal lines printed (no timing
+    asserts)."""
+    pytest.importorskip("peft", reason="the dora suite needs peft")
+    from lora_kernels.bench import bench_dora as bd
+    from lora_kernels.bench.common import Context
+    ctx = Context(device=torch.device("cpu"), dtype=torch.float32, adapter_dtype=torch.float32, budget_ms=1)
+    rows = bd.run(ctx, tiny=True)
+    assert {(r["phase"], r["tokens"]) for r in rows} == {(c[4], c[3]) for c in bd.cases(tiny=True)}
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows), rows
+    assert {r["contender"] for r in rows if r["phase"] == "fwd+bwd"} == set(bd.CONTENDERS) | {bd.W0AT}
+    ours = [r for r in rows if r["contender"] == "ours_dora"]
+    assert all("vs_peft" in r and "floor_ms" in r and "vs_floor" in r for r in ours)
+    assert len(bd.goal_lines(rows)) == len(ours) and "ours_dora" in bd.table(rows)
+    assert bd.SUITE in cli.SUITES

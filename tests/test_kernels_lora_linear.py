@@ -17,7 +17,7 @@ from test_lora_linear import make_inputs, reference_outputs
 triton = pytest.importorskip("triton", reason="these tests run the Triton kernels")
 
 from lora_kernels.dropout import SEED_LOW  # noqa: E402
-from lora_kernels.kernels import _launch, lora_linear as klk  # noqa: E402
+from lora_kernels.kernels import _launch, aot_cases, lora_linear as klk  # noqa: E402
 from lora_kernels.backends import TRITON_INTERPRETED  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,13 +186,13 @@ def test_strided_inputs(composite, det, dtype, lora_dtype, M):
 
 _IR_SCRIPT = r"""
 import json, torch
-from lora_kernels.kernels import lora_linear as k
+from lora_kernels.kernels import aot_cases, lora_linear as k
 out, seen = {"False": {}, "True": {}}, set()
 for det in (False, True):
     for M, K, N, R in ((1, 4096, 4096, 16), (16, 4096, 1024, 64), (300, 512, 1024, 16), (8192, 4096, 4096, 16)):
         for lora_dtype in (torch.bfloat16, torch.float32):
-            plans = k._case_launches(M, K, N, R, torch.bfloat16, lora_dtype, 0.1, det)
-            x, W, _, A, B, S, G = k._meta_inputs(M, K, N, R, torch.bfloat16, lora_dtype)
+            plans = aot_cases.lora_linear_case(M, K, N, R, torch.bfloat16, lora_dtype, 0.1, det)
+            x, W, _, A, B, S, G = aot_cases.lora_linear_meta(M, K, N, R, torch.bfloat16, lora_dtype)
             plans["bwd no dB"] = k.plan_bwd(G, x, W, A, B, S, 2.0, 0.1, None, True, True, False, det)[0]
             plans["bwd dB only"] = k.plan_bwd(G, x, W, A, B, S, 2.0, 0.1, None, False, False, True, det)[0]
             for launches in plans.values():
@@ -340,7 +340,7 @@ def test_gemm_configs_pick_first_and_every_config_in_aot_check():
                 assert cfgs[0] == klk._GEMM_CONFIGS[(klk._gemm_class(M), elem, dropout)]
                 assert len(set(cfgs)) == len(cfgs) and set(cfgs) <= shipped
     compiled = set()
-    for launch in klk.aot_launches():
+    for launch in aot_cases.aot_launches("lora_linear"):
         if launch.kernel_name() == "_gemm_lora_kernel":
             c = launch.constexprs
             compiled.add((c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["GROUP_M"], launch.num_warps, launch.num_stages))

@@ -21,7 +21,7 @@ from test_multi_lora import _close, _f64, _poison, _problem  # noqa: F401 (_pois
 
 triton = pytest.importorskip("triton", reason="the multi-adapter Triton kernels")
 
-from lora_kernels.kernels import multi_lora as k  # noqa: E402
+from lora_kernels.kernels import aot_cases, multi_lora as k  # noqa: E402
 from lora_kernels.kernels._launch import Launch  # noqa: E402
 
 DEV = "cpu" if "triton" in available_backends("cpu") else "cuda"
@@ -332,7 +332,7 @@ def test_aot_launches_cover_every_config():
     """The ahead-of-time check compiles every config the launchers can pick: each GEMM tile with and without
     bias / ranks and with 1 or several slices, the shrink's atomic and plain-store variants, the expand's two
     BLOCK_N at both tile heights, and whatever the static report compiles."""
-    launches = list(k.aot_launches())
+    launches = list(aot_cases.aot_launches("multi_lora"))
     gemm = {}
     for l in launches:
         if l.kernel is k._multi_lora_gemm_kernel:
@@ -351,12 +351,12 @@ def test_aot_launches_cover_every_config():
               for l in launches if l.kernel is k._multi_lora_expand_kernel}
     assert expand == {(bm, bn, e) for bm in (16, 64) for e, bns in k._EXPAND_BLOCK_N.items() for bn in bns}
     keys = {(l.describe(), tuple(sorted(l.signature().items()))) for l in launches}
-    for case, l in k.report_launches():
+    for case, l in aot_cases.report_launches("multi_lora"):
         assert (l.describe(), tuple(sorted(l.signature().items()))) in keys, case
 
 
 def _meta(T, K, widths, L=64, R=16):
-    return k._meta_problem(T, K, widths, R, L, torch.bfloat16, True, False)
+    return aot_cases.multi_lora_meta(T, K, widths, R, L, torch.bfloat16, True, False)
 
 
 def _active_programs(launch: Launch, T: int) -> int:
@@ -388,7 +388,7 @@ def test_report_launches():
     """The static report's multi-adapter cases: T in {1, 64, 256, 4096} x {q, qkv}, the fused path's shrink and
     GEMM and the composite's shrink and expand, each with the config its launcher picks."""
     cases = {}
-    for case, launch in k.report_launches():
+    for case, launch in aot_cases.report_launches("multi_lora"):
         assert isinstance(launch, Launch)
         if "[bwd]" not in case:  # the backward's cases: tests/test_kernels_multi_lora_grad.py
             cases.setdefault(case, []).append(launch.kernel)

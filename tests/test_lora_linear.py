@@ -239,6 +239,22 @@ def test_kernel_mask_is_the_regenerated_mask(device, backend):
     torch.testing.assert_close(S.cpu(), expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("dtype,lora_dtype", [(torch.float32, None), (torch.bfloat16, torch.float32),
+                                              (torch.float16, None), (F64, None)], ids=dtype_id)
+def test_torch_backend_dropout_without_the_extension(dtype, lora_dtype, monkeypatch):
+    """The "torch" backend's pure-PyTorch dropout (x̂ = x ⊙ m / (1 - p) in the forward and dA, dx's dropped
+    term added in place), which a built extension replaces on CPU: y and every gradient against the reference."""
+    from lora_kernels.ops import plumbing
+    calls = []
+
+    def native_dropout_ok(t):
+        calls.append(tuple(t.shape))
+        return False
+    monkeypatch.setattr(plumbing, "native_dropout_ok", native_dropout_ok)
+    check_backend("torch", "cpu", 23, 37, 19, 5, dtype, lora_dtype, dropout_p=0.3)
+    assert len(calls) >= 3, "forward x̂, backward x̂ and dx's dropped term must each ask native_dropout_ok"
+
+
 def test_backward_saves_only_S_and_seed():
     """Saved for backward: x, the weights, S [M, r] and the seed -- no mask, no x̂."""
     x, W, b, A, B, _ = make_inputs(12, 16, 8, 4, torch.float32)
@@ -445,6 +461,8 @@ def test_opcheck_registered_ops():
 def test_dropout_mask_is_the_definition(M, K, p):
     """lk.dropout_mask (the extension's generator when built) gives the bits of the plain-torch definition."""
     from lora_kernels.dropout import dropout_mask_torch
+    if lk.backends.NATIVE is None:
+        pytest.skip("the lora_kernels._C extension is not built: lk.dropout_mask is dropout_mask_torch itself")
     seed = new_seed()
     got = lk.dropout_mask(seed, (M, K), p)
     assert got.dtype == torch.bool and got.shape == (M, K)

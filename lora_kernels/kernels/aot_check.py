@@ -13,32 +13,28 @@ scripts/aot_check_triton.sh does both).
 """
 from __future__ import annotations
 
-import importlib
+import itertools
 import json
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-# Kernel families that ship configs: each module exposes aot_launches().
-KERNEL_MODULES = ["lora_kernels.kernels.lora_linear", "lora_kernels.kernels.multi_lora"]
 CCS = (80, 90)
 
 
 def _launches():
-    for name in KERNEL_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # family not written yet
-                continue
-            raise
-        yield from ((name, i, launch) for i, launch in enumerate(mod.aot_launches()))
+    """(family, index, Launch) of every config of every kernel family (kernels/aot_cases.py)."""
+    from lora_kernels.kernels import aot_cases
+
+    for family in aot_cases.FAMILIES:
+        yield from ((family, i, launch) for i, launch in enumerate(aot_cases.aot_launches(family)))
 
 
 def _compile_one(job):
-    module, index, cc = job
+    family, index, cc = job
+    from lora_kernels.kernels import aot_cases
     from lora_kernels.kernels._launch import MAX_SHARED, aot_compile, resource_usage
-    launch = next(l for i, l in enumerate(importlib.import_module(module).aot_launches()) if i == index)
+    launch = next(itertools.islice(aot_cases.aot_launches(family), index, None))
     row = {"kernel": launch.describe(), "cc": cc,
            "signature": {k: v for k, v in launch.signature().items() if v.startswith("*")}}
     try:

@@ -34,7 +34,6 @@ GPU, so BLOCK_R >= 16 with masks.
 """
 from __future__ import annotations
 
-import itertools
 from typing import NamedTuple
 
 import torch
@@ -49,7 +48,7 @@ from lora_kernels.kernels.tiling import num_tiles, tile_block_m
 __all__ = ["tile_block_m", "num_tiles", "lora_shrink_triton", "lora_expand_triton", "multi_lora_linear_triton",
            "multi_lora_linear_composite", "multi_lora_linear_fwd_triton", "multi_lora_linear_fwd_composite",
            "multi_lora_linear_bwd_triton", "plan_shrink", "plan_expand", "plan_linear", "plan_fused",
-           "plan_composite", "plan_bwd", "slot_dropout", "aot_launches", "report_launches"]
+           "plan_composite", "plan_bwd", "slot_dropout"]
 
 # Tests set this to fill every output buffer the kernels must fully write with NaN: unwritten elements fail.
 POISON_OUTPUTS = False
@@ -483,8 +482,8 @@ def _multi_lora_tile_sum_kernel(ws_ptr, out_ptr, first_tile_ptr, seg_lens_ptr, r
 
 # --------------------------------------------------------------------------------------------------
 # Configs. No GPU was available to tune these; they are sized so that every one compiles for sm_80 and
-# sm_90 without register spills (aot_launches below; tests/test_aot.py checks both), and so that the
-# grids fill the GPU (report_launches; tests/test_kernels_multi_lora.py checks the grid sizes).
+# sm_90 without register spills (kernels/aot_cases.py lists them for aot_check; tests/test_aot.py checks both),
+# and so that the grids fill the GPU (tests/test_kernels_multi_lora.py checks the grid sizes).
 # --------------------------------------------------------------------------------------------------
 
 _NUM_SMS = 132          # an H100 SXM; an A100's 108 SMs are filled by whatever fills 132
@@ -659,15 +658,18 @@ class SlotDropout(NamedTuple):
 
 
 def slot_dropout(dropout, seed):
-    """SlotDropout for the ops' (dropout [L] float64, seed [1] int64 CPU tensor), or None when seed is None.
-    The vectors come from device ops on `dropout`, never read on the host; thr equals
-    lora_kernels.dropout.keep_threshold bit for bit (both round half to even)."""
+    """SlotDropout for the ops' (dropout, seed), or None when seed is None. dropout: [L] float64 probabilities,
+    or the step's rates object (`lora_kernels.ops.batch.StepDropout`: its threshold / keep_scale vectors, made
+    once per step); seed: a [1] int64 CPU tensor or a host int. From a tensor the vectors come from device ops,
+    never read on the host; thr equals lora_kernels.dropout.keep_threshold bit for bit (both round half to even)."""
     if seed is None:
         return None
+    seed = int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)
+    if hasattr(dropout, "threshold"):
+        return SlotDropout(seed, dropout.threshold, dropout.keep_scale)
     p = dropout.to(torch.float64)
     thr = torch.round(p * 2.0 ** 31).clamp_(max=2 ** 31 - 1).to(torch.int32)
-    return SlotDropout(int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed), thr,
-                       (1.0 / (1.0 - p)).to(torch.float32))
+    return SlotDropout(seed, thr, (1.0 / (1.0 - p)).to(torch.float32))
 
 
 def _pad_slices(stacks: list) -> list:
@@ -1012,99 +1014,3 @@ def multi_lora_linear_bwd_triton(dy, x, weight, A_stacks, B_stacks, S, scalings,
                                 _vec(ranks), slot_dropout(dropout, seed), need_dA, need_dB, _deterministic())
     _run(launches)
     return dx, dA, dB
-
-
-# --------------------------------------------------------------------------------------------------
-# Launches for the ahead-of-time checks (lora_kernels/kernels/aot_check.py), from meta tensors.
-# --------------------------------------------------------------------------------------------------
-
-def _meta_problem(T: int, K: int, widths, R: int, L: int, dtype, has_ranks: bool, has_bias: bool):
-    """Meta tensors of a multi_lora_linear call: (x, W, bias, A, B, S, y, bt, scalings, ranks)."""
-    meta = dict(device="meta")
-    i32 = torch.int32
-    NT = num_tiles(T, L)
-    bt = tuple(torch.empty(n, dtype=i32, **meta) for n in (T, T, L, L, NT, NT, NT))
-    N = sum(widths)
-    return (torch.empty(T, K, dtype=dtype, **meta), torch.empty(N, K, dtype=dtype, **meta),
-            torch.empty(N, dtype=dtype, **meta) if has_bias else None,
-            [torch.empty(L, R, K, dtype=dtype, **meta) for _ in widths],
-            [torch.empty(L, n, R, dtype=dtype, **meta) for n in widths],
-            torch.empty(T, len(widths) * R, dtype=torch.float32, **meta), torch.empty(T, N, dtype=dtype, **meta),
-            bt, torch.empty(L, dtype=torch.float32, **meta), torch.empty(L, dtype=i32, **meta) if has_ranks else None)
-
-
-def _meta_dropout(L: int) -> SlotDropout:
-    return SlotDropout(SEED_LOW + 12345, torch.empty(L, dtype=torch.int32, device="meta"),
-                       torch.empty(L, dtype=torch.float32, device="meta"))
-
-
-def aot_launches():
-    """Every config the launchers can pick, built from meta tensors, for the ahead-of-time compile test.
-
-    Configs vary by dtype, by T and out (tile height 16 / 64; the fused GEMM's tile list; the expand's
-    BLOCK_N), by one vs several slices, by rank (shrink BLOCK_R 16 / 64), by whether ranks and bias are
-    given and by deterministic mode (the shrink's plain store instead of atomics). Training adds the shrink
-    with the dropout mask and the backward: with and without dB and dropout, atomic or deterministic.
-    """
-    seen = set()
-    K, L = 4096, 64
-    dtypes, layers = (torch.float16, torch.bfloat16, torch.float32), ((4096,), (2048, 512, 512))
-    launches = []
-    # T = 1 .. 4096 reaches every GEMM tile of _GEMM_TILES at out = 4096 or 3072 (a test checks).
-    for dtype, T, R, widths, has_ranks, has_bias, det in itertools.product(
-            dtypes, (1, 16, 64, 128, 256, 512, 4096), (16, 64), layers, (False, True), (False, True), (False, True)):
-        x, W, bias, A, B, S, y, bt, sc, ranks = _meta_problem(T, K, widths, R, L, dtype, has_ranks, has_bias)
-        launches += plan_fused(x, W, bias, A, B, S, y, bt, sc, ranks, det)
-    # Every expand BLOCK_N at both tile heights (which one the launcher takes depends on T and out).
-    for dtype, T, widths, has_ranks in itertools.product(dtypes, (16, 4096), layers, (False, True)):
-        x, W, bias, A, B, S, y, bt, sc, ranks = _meta_problem(T, K, widths, 16, L, dtype, has_ranks, False)
-        launches += [_expand_launch(S, B, 0, y, 0, bt, sc, ranks, bn) for bn in _EXPAND_BLOCK_N[y.element_size()]]
-    # Training (the backward kernels always read a ranks vector): T = 16 / 4096 give both tile heights, with
-    # split (atomic) and deterministic plans.
-    drop = _meta_dropout(L)
-    for dtype, T, R, widths, det in itertools.product(dtypes, (16, 4096), (16, 64), layers, (False, True)):
-        x, W, bias, A, B, S, y, bt, sc, ranks = _meta_problem(T, K, widths, R, L, dtype, True, False)
-        launches += plan_shrink(x, A, S, bt, None, det, drop)
-        for dropout, need_dB in itertools.product((None, drop), (False, True)):
-            launches += plan_bwd(y, x, A, B, S, x, bt, sc, ranks, dropout, True, need_dB, det)[0]
-    # dx's expand at every BLOCK_N it can take, at both tile heights.
-    for dtype, T, widths, dropout in itertools.product(dtypes, (16, 4096), layers, (None, drop)):
-        x, W, bias, A, B, S, y, bt, sc, ranks = _meta_problem(T, K, widths, 16, L, dtype, True, False)
-        launches += [_expand_launch(S, A, 0, x, 0, bt, sc, ranks, bn, dx=True, drop=dropout)
-                     for bn in sorted({_expand_block_n(T, n, x.element_size(), True) for n in (16, 1 << 20)})]
-    for launch in launches:
-        key = (launch.describe(), tuple(sorted(launch.signature().items())))
-        if key not in seen:
-            seen.add(key)
-            yield launch
-
-
-# The static report's multi-adapter cases: Llama-3-8B q (4096 -> 4096) and a fused qkv (4096 -> 4096 + 1024
-# + 1024), rank 16, bf16, 64 slots (heterogeneous ranks), no bias.
-REPORT_TOKENS = (1, 64, 256, 4096)
-REPORT_LAYERS = {"q": (4096, (4096,)), "qkv": (4096, (4096, 1024, 1024))}
-
-
-REPORT_BWD_TOKENS = (64, 4096)
-
-
-def report_launches():
-    """(case_name, Launch) for every launch of multi_lora_linear at the report's cases, with the configs the
-    launchers pick: the fused path (shrink + fused GEMM), the composite's Triton launches (shrink + expand;
-    its base GEMM is cuBLAS), and the backward's (dS/dB, dA, dx's expand, the casts to bf16; dx = G W0 is
-    cuBLAS) without and with dropout. Case names: "multi_lora_linear[fused|composite] q 4096->4096 T=64 r=16
-    bf16 L=64", "multi_lora_linear[bwd] q 4096->4096 T=64 r=16 bf16 L=64 p=0.1"."""
-    R, L = 16, 64
-    for name, (K, widths) in REPORT_LAYERS.items():
-        for T in REPORT_TOKENS:
-            x, W, bias, A, B, S, y, bt, sc, ranks = _meta_problem(T, K, widths, R, L, torch.bfloat16, True, False)
-            case = f"{name} {K}->{'+'.join(map(str, widths))} T={T} r={R} bf16 L={L}"
-            for launch in plan_fused(x, W, bias, A, B, S, y, bt, sc, ranks):
-                yield f"multi_lora_linear[fused] {case}", launch
-            for launch in plan_composite(x, A, B, S, y, bt, sc, ranks):
-                yield f"multi_lora_linear[composite] {case}", launch
-            if T not in REPORT_BWD_TOKENS:
-                continue
-            for p, drop in ((0.0, None), (0.1, _meta_dropout(L))):
-                for launch in plan_bwd(y, x, A, B, S, x, bt, sc, ranks, drop)[0]:  # x stands in for dx
-                    yield f"multi_lora_linear[bwd] {case} p={p}", launch

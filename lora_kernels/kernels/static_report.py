@@ -1,8 +1,8 @@
 """Static performance evidence without a GPU: `python -m lora_kernels.kernels.aot_check --report FILE.json`.
 
 Compiles, for sm_80 and sm_90, every launch of the headline cases (`report_launches()` of each kernel
-family: the configs the launchers pick for Llama-3-8B shapes) through aot_check's compile path, and writes
-one JSON row per (case, launch, GPU) with what the cubin and the PTX say:
+family in kernels/aot_cases.py: the configs the launchers pick for Llama-3-8B shapes) through aot_check's
+compile path, and writes one JSON row per (case, launch, GPU) with what the cubin and the PTX say:
 
 * `regs`, `spill_bytes`, `smem_bytes`, and `ctas_per_sm` from those against the SM's limits;
 * `grid_ctas` and `waves` = grid / (SMs x ctas_per_sm) on an A100 (sm_80, 108 SMs) / H100 (sm_90, 132 SMs);
@@ -17,7 +17,6 @@ turns a report into the table in bench/README.md.
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import math
 import re
@@ -28,8 +27,6 @@ from dataclasses import dataclass
 
 from ..dispatch import write_atomic
 
-# Kernel families with report cases: each module exposes report_launches() -> (case name, Launch) pairs.
-REPORT_MODULES = ["lora_kernels.kernels.lora_linear", "lora_kernels.kernels.multi_lora"]
 CCS = (80, 90)
 
 
@@ -120,14 +117,16 @@ SUBSETS = {"all": lambda case: True, "ci": _ci_case}
 
 @functools.lru_cache(maxsize=None)
 def report_cases(subset: str = "all") -> tuple:
-    """((case, Launch), ...) of every report module that has cases, and the modules that have none."""
+    """((case, Launch), ...) of every kernel family's report cases in the subset, and the families that
+    have none at all."""
+    from lora_kernels.kernels import aot_cases
+
     cases, missing = [], []
-    for name in REPORT_MODULES:
-        mod = importlib.import_module(name)
-        if not hasattr(mod, "report_launches"):
-            missing.append(f"{name}.report_launches")
-            continue
-        cases += [(c, l) for c, l in mod.report_launches() if SUBSETS[subset](c)]
+    for family in aot_cases.FAMILIES:
+        family_cases = list(aot_cases.report_launches(family))
+        if not family_cases:
+            missing.append(family)
+        cases += [(c, l) for c, l in family_cases if SUBSETS[subset](c)]
     return tuple(cases), tuple(missing)
 
 
@@ -257,7 +256,7 @@ def main(argv) -> int:
     print(f"{len(report['rows'])} rows, {report['distinct_compiles']} distinct compiles (triton "
           f"{report['triton']}) -> {path}", file=sys.stderr)
     for m in report["missing"]:
-        print(f"no report cases: {m} is not defined", file=sys.stderr)
+        print(f"no report cases for the {m} kernels (kernels/aot_cases.py)", file=sys.stderr)
     for r in failed:
         print(f"FAIL sm_{r['cc']} {r['config']} ({r['case']}): {r['error']}", file=sys.stderr)
     if "--markdown" in argv:
