@@ -7,6 +7,9 @@ from lora_kernels.layers import LoRALinear
 from lora_kernels.layers.multi_lora import MultiLoRALinear
 from lora_kernels.ops.multi_lora import LoRABatch, lora_expand, lora_shrink, multi_lora_linear
 from lora_kernels.ops.lora_linear import lora_linear
+from lora_kernels.ops.dora import dora_linear
+from lora_kernels.ops.qlora import qlora_linear
+from lora_kernels import quant
 from lora_kernels.peft_patch import (PatchReport, get_fused_peft_model, patch_peft, register_fused_lora,
                                      unpatch_peft)
 
@@ -14,5 +17,5 @@ from lora_kernels import serving  # noqa: E402  (MultiLoRAModel; imports nothing
 
 __version__ = "0.1.0"
 __all__ = ["LoRALinear", "PatchReport", "get_fused_peft_model", "patch_peft", "register_fused_lora", "unpatch_peft",
-           "available_backends", "dropout_mask", "lora_linear", "reference",
+           "available_backends", "dora_linear", "qlora_linear", "quant", "dropout_mask", "lora_linear", "reference",
            "LoRABatch", "MultiLoRALinear", "lora_expand", "lora_shrink", "multi_lora_linear", "serving"]

@@ -11,10 +11,17 @@ With one active adapter ``a`` a patched layer computes, in one registered op
     y = x W0ᵀ + b + scaling[a] · (dropout(x) A[a]ᵀ) B[a]ᵀ
     x: [..., in], W0: [out, in], b: [out] | None, A[a]: [r, in], B[a]: [out, r], y: [..., out]
 
+A DoRA adapter (``use_dora=True``) runs `lora_kernels.dora_linear` (PEFT's DoRA math, its dropout term
+included); its row norm n = ‖W0 + s·B A‖ is cached per layer and adapter, keyed on the data pointers and
+version counters of W0, A, B and lora_B's bias (so an optimizer step, ``load_state_dict`` or an in-place
+write under ``no_grad`` invalidates it; writes through ``.data`` bypass version counters, and ``merge`` /
+``unmerge`` clear it). ``lora_bias=True`` adds s·c to the fused op's output (c: lora_B's bias).
+
 PEFT's state is read at every call: disabled adapters and merged adapters give ``base_layer(x)`` (exactly as
 PEFT does); ``set_adapter`` and ``scaling`` changes take effect at once. A call the fused op does not cover
-(several active adapters, a DoRA / lora_bias / variant adapter added after patching, a base weight that
-requires grad, extra forward arguments) runs PEFT's own forward and is logged once per reason.
+(several active adapters, a variant adapter other than DoRA added after patching, a base weight that
+requires grad, extra forward arguments, DoRA / lora_bias under autocast) runs PEFT's own forward and is
+logged once per reason.
 
 Mixed batches (``model(..., adapter_names=[...])``, one adapter per sample, inference) run one
 ``torch.ops.lora_kernels.multi_lora_linear`` call per layer (grouped shrink/expand over all adapters of the
@@ -43,11 +50,16 @@ import torch
 from torch import nn
 
 from lora_kernels.backends import resolve_backend
-from lora_kernels.ops.lora_linear import _any_autocast, lora_linear
+from lora_kernels.ops.dora import dora_linear, dora_weight_norm, qdora_weight_norm, qdora_weight_sq, weight_sq
+from lora_kernels.ops.lora_linear import lora_linear
+from lora_kernels import quant
+from lora_kernels.ops.plumbing import any_autocast as _any_autocast
+from lora_kernels.ops.qlora import qlora_linear
 
 logger = logging.getLogger("lora_kernels.peft")
 
 _BACKEND_ATTR = "_lora_kernels_backend"  # per-layer backend (None = fastest for the device)
+_DORA_CACHE_ATTR = "_lora_kernels_dora"  # {adapter: (key, n), None: (key, ‖W0_j‖²)} of a DoRA layer
 _LOGGED_FALLBACKS: set[str] = set()     # runtime fallback reasons already logged (log once per reason)
 
 
@@ -114,12 +126,35 @@ def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or "_hf_hook" in m.__dict__)
 
 
+_CONV1D = None  # transformers' Conv1D (GPT-2-style bases), imported on first use
+
+
+def _conv1d_cls():
+    global _CONV1D
+    if _CONV1D is None:
+        try:
+            from transformers.pytorch_utils import Conv1D
+        except ImportError:
+            Conv1D = ()  # matches no type
+        _CONV1D = Conv1D
+    return _CONV1D
+
+
+def _base_weight(base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """W0 [out, in] of a plain nn.Linear, or of a Conv1D base (stored [in, out]: a transposed view, no copy)."""
+    return weight if type(base) is nn.Linear else weight.t()
+
+
 def _static_reason(layer: nn.Module) -> str:
     base = layer._modules["base_layer"]
-    if type(base) is not nn.Linear:  # quantised / custom linears subclass nn.Linear: exact type on purpose
+    fan_in_fan_out = layer.__dict__.get("fan_in_fan_out", False)
+    if type(base) is _conv1d_cls():  # x W + b with W [in, out]: W0 = Wᵀ, which PEFT's fan_in_fan_out says
+        if not fan_in_fan_out:
+            return "Conv1D base layer with fan_in_fan_out=False (PEFT's layer would compute the wrong shape)"
+    elif type(base) is not nn.Linear:  # quantised / custom linears subclass nn.Linear: exact type on purpose
         return f"base layer is {type(base).__name__}, not a plain nn.Linear"
-    if layer.__dict__.get("fan_in_fan_out", False):
-        return "fan_in_fan_out=True is not supported"
+    elif fan_in_fan_out:
+        return "fan_in_fan_out=True on an nn.Linear base is not supported"
     if _hooked(base):
         return "base layer has forward hooks (e.g. accelerate offload, fully_shard on the nn.Linear), " \
                "which the fused op would bypass"
@@ -128,19 +163,19 @@ def _static_reason(layer: nn.Module) -> str:
 
 def _adapter_reason(layer: nn.Module, name: str) -> str:
     d = layer.__dict__
-    if d.get("use_dora", {}).get(name, False):
-        return "DoRA (use_dora=True) is not supported"
-    if d.get("lora_bias", {}).get(name, False):
-        return "lora_bias=True is not supported"
+    dora = d.get("use_dora", {}).get(name, False)
     variants = d.get("lora_variant", {})
-    if name in variants:
+    if name in variants and not (dora and type(variants[name]).__name__ == "DoraLinearVariant"):
         return f"LoRA variant {type(variants[name]).__name__} is not supported"
     mods = d["_modules"]
+    if dora and name not in mods["lora_magnitude_vector"]._modules:
+        return f"DoRA adapter {name!r} has no magnitude vector"
     drop = mods["lora_dropout"]._modules[name]
     if not isinstance(drop, (nn.Dropout, nn.Identity)):
         return f"lora_dropout is {type(drop).__name__}"
-    for sub in (mods["lora_A"]._modules[name], mods["lora_B"]._modules[name]):
-        if type(sub) is not nn.Linear or sub._parameters.get("bias") is not None:
+    lora_bias = d.get("lora_bias", {}).get(name, False)
+    for sub, bias_ok in ((mods["lora_A"]._modules[name], False), (mods["lora_B"]._modules[name], lora_bias)):
+        if type(sub) is not nn.Linear or (sub._parameters.get("bias") is not None and not bias_ok):
             return f"lora_A/lora_B of adapter {name!r} are not bias-free nn.Linear"
         if _hooked(sub):
             return f"lora_A/lora_B of adapter {name!r} have forward hooks, which the fused op would bypass"
@@ -155,16 +190,21 @@ def _patch_reason(layer: nn.Module) -> str:
     if type(layer) not in (lora.Linear, _fused_class()):
         return f"{type(layer).__name__} (a subclass of lora.Linear, e.g. wrapped by fully_shard before " \
                "patching) is not fused"
+    return _layer_reason(layer, _static_reason, _adapter_reason)
+
+
+def _layer_reason(layer: nn.Module, static_reason, adapter_reason) -> str:
+    """The checks every patched class makes: no instance-level forward, then its static and adapter reasons."""
     for m, what in ((layer, "the layer"), (layer.base_layer, "its base layer")):
         if "forward" in m.__dict__:  # e.g. accelerate's add_hook_to_module: our class forward would not run
             return f"{what} has an instance-level forward override (e.g. accelerate hooks)"
-    reason = _static_reason(layer)
+    reason = static_reason(layer)
     if reason:
         return reason
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if len(active) > 1:
         return f"several active adapters at once ({active}) are not supported"
-    return _adapter_reason(layer, active[0]) if active else ""
+    return adapter_reason(layer, active[0]) if active else ""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -180,6 +220,19 @@ def _fallback_forward(layer: nn.Module, reason: str, x: torch.Tensor, *args: Any
     return _LORA.Linear.forward(layer, x, *args, **kwargs)
 
 
+def _single_active(d: dict) -> Optional[str]:
+    """The one active adapter of a LoRA layer (its instance __dict__ `d`), or None: adapters disabled or
+    merged, or several active. Raises KeyError for a PEFT whose attribute names differ."""
+    if d["_disable_adapters"] or d["merged_adapters"]:
+        return None
+    name = d["_active_adapter"]
+    if type(name) is not str:
+        if len(name) != 1:
+            return None
+        name = name[0]
+    return name
+
+
 def _fast_call(self, x: torch.Tensor):
     """The common call -- one active plain LoRA adapter, no hooks, no autocast, x in the weight's dtype -- or
     None for everything else, which `_general_forward` sorts out (with the reason it logs). Every check of
@@ -188,28 +241,31 @@ def _fast_call(self, x: torch.Tensor):
     sizes. PEFT attribute names that change in a future release only send calls down the general path."""
     d = self.__dict__
     try:
-        if d["_disable_adapters"] or d["merged_adapters"]:
+        name = _single_active(d)
+        if name is None:
             return None
-        name = d["_active_adapter"]
-        if type(name) is not str:
-            if len(name) != 1:
-                return None
-            name = name[0]
         mods = d["_modules"]
         A_mod = mods["lora_A"]._modules.get(name)
         base = mods["base_layer"]
-        if A_mod is None or type(base) is not nn.Linear or d.get("fan_in_fan_out") or _hooked(base):
+        if A_mod is None or _hooked(base):
             return None
-        if d["use_dora"].get(name) or d["lora_bias"].get(name) or name in d["lora_variant"]:
+        if type(base) is not nn.Linear:
+            if type(base) is not _conv1d_cls() or not d.get("fan_in_fan_out"):
+                return None
+        elif d.get("fan_in_fan_out"):
+            return None
+        dora, lora_bias = d["use_dora"].get(name), d["lora_bias"].get(name)
+        if name in d["lora_variant"] and not dora:
             return None
         B_mod = mods["lora_B"]._modules[name]
         drop = mods["lora_dropout"]._modules[name]
         if type(A_mod) is not nn.Linear or type(B_mod) is not nn.Linear or _hooked(A_mod) or _hooked(B_mod):
             return None
         bp, Ap, Bp = base._parameters, A_mod._parameters, B_mod._parameters
-        weight, bias, A, B = bp["weight"], bp["bias"], Ap["weight"], Bp["weight"]
-        if Ap["bias"] is not None or Bp["bias"] is not None:
+        weight, bias, A, B = _base_weight(base, bp["weight"]), bp["bias"], Ap["weight"], Bp["weight"]
+        if Ap["bias"] is not None or (Bp["bias"] is not None and not lora_bias):
             return None
+        magnitude = mods["lora_magnitude_vector"]._modules[name]._parameters["weight"] if dora else None
     except (KeyError, AttributeError, TypeError):
         return None
     if type(drop) is nn.Dropout:
@@ -225,7 +281,47 @@ def _fast_call(self, x: torch.Tensor):
     backend = d.get(_BACKEND_ATTR)
     if backend not in (None, "torch") and A.dtype != x.dtype and A.dtype != torch.float32:
         return None
+    if dora or lora_bias:
+        return _dora_call(self, name, x, weight, bias, A, B, Bp["bias"], magnitude, p, drop.training, backend)
     return lora_linear(x, weight, bias, A, B, self.scaling[name], p, drop.training, backend=backend)
+
+
+def _dora_call(self, name: str, x, weight, bias, A, B, lora_bias, magnitude, p: float, drop_training: bool,
+               backend):
+    """A DoRA adapter (magnitude given) or a plain one with lora_bias, as PEFT computes them:
+    DoRA's dropout term runs when the layer is in training mode (PEFT's test), plain LoRA's when the
+    dropout module is; lora_bias alone adds s·c to the fused op's output."""
+    s = self.scaling[name]
+    if magnitude is None:
+        y = lora_linear(x, weight, bias, A, B, s, p, drop_training, backend=backend)
+        return torch.add(y, lora_bias, alpha=s) if lora_bias.dtype == y.dtype else y + s * lora_bias
+    norm = None if torch.compiler.is_compiling() else _dora_norm(self, name, weight, A, B, s, lora_bias)
+    return dora_linear(x, weight, bias, A, B, magnitude, s, p, self.training and drop_training, backend=backend,
+                       lora_bias=lora_bias, weight_norm=norm)
+
+
+def _version_key(t):
+    return None if t is None else (t.data_ptr(), t._version, t.dtype, t.shape)
+
+
+def _dora_norm(self, name: str, weight, A, B, s: float, lora_bias):
+    """The detached row norm n of adapter `name`, cached until W0, A, B, lora_bias or s change (version
+    counters and data pointers). ‖W0_j‖² is cached apart: W0 is frozen, so a training step only recomputes
+    W0 Aᵀ and the r-sized terms."""
+    cache = self.__dict__.get(_DORA_CACHE_ATTR)
+    if cache is None:
+        cache = self.__dict__[_DORA_CACHE_ATTR] = {}
+    wkey = (_version_key(weight), A.dtype)
+    key = (wkey, _version_key(A), _version_key(B), _version_key(lora_bias), s)
+    hit = cache.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    w2 = cache.get(None)
+    if w2 is None or w2[0] != wkey:
+        w2 = cache[None] = (wkey, weight_sq(weight, A))
+    n = dora_weight_norm(weight, A, B, s, lora_bias, w2[1])
+    cache[name] = (key, n)
+    return n
 
 
 def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -272,6 +368,7 @@ def _general_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.
     except KeyError:  # e.g. parametrized weights
         weight, bias = base.weight, base.bias
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
+    weight = _base_weight(base, weight)
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         return _fallback_forward(self, "the base layer's weight/bias requires grad (the fused op computes no "
                                  "gradient for them)", x)
@@ -279,6 +376,9 @@ def _general_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.
     p = drop.p if isinstance(drop, nn.Dropout) else 0.0
     backend = self.__dict__.get(_BACKEND_ATTR)
     dev = x.device.type
+    dora, lora_bias = self.use_dora.get(name, False), self.lora_bias.get(name, False)
+    if (dora or lora_bias) and torch.is_autocast_enabled(dev):
+        return _fallback_forward(self, "DoRA / lora_bias under autocast is not fused", x)
     if torch.is_autocast_enabled(dev):
         # What autocast does to PEFT's layer: base GEMM in the autocast dtype. The LoRA path stays in the
         # adapter's dtype (float32 by PEFT's default), which the op accumulates in float32 anyway.
@@ -295,6 +395,9 @@ def _general_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.
     if backend not in (None, "torch") and A.dtype not in (x.dtype, torch.float32):
         return _fallback_forward(self, f"backend={backend!r} needs adapter weights in the input dtype "
                                  f"({x.dtype}) or float32, got {A.dtype}", x)
+    if dora or lora_bias:
+        return _dora_call(self, name, x, weight, bias, A, B, self.lora_B[name].bias,
+                          self.lora_magnitude_vector[name].weight if dora else None, p, drop.training, backend)
     return lora_linear(x, weight, bias, A, B, self.scaling[name], p, drop.training, backend=backend)
 
 
@@ -333,6 +436,8 @@ def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> tor
         if reason:
             break
         reason = _adapter_reason(self, a)
+        if not reason and (self.use_dora.get(a, False) or self.lora_bias.get(a, False)):
+            reason = "mixed-batch adapter_names with a DoRA or lora_bias adapter"
         drop = self.lora_dropout[a]
         if not reason and isinstance(drop, nn.Dropout) and drop.training and drop.p > 0:
             reason = "mixed-batch adapter_names in training mode with lora_dropout > 0"
@@ -341,7 +446,7 @@ def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> tor
     if not reason and torch.is_grad_enabled() and any(p.requires_grad for p in A_params + B_params):
         reason = ("mixed-batch adapter_names with autograd enabled (the multi-adapter ops are inference-only; "
                   "run under torch.no_grad() / torch.inference_mode(), as generate() does)")
-    weight, bias = self.base_layer.weight, self.base_layer.bias
+    weight, bias = _base_weight(self.base_layer, self.base_layer.weight), self.base_layer.bias
     if not reason and x.dtype != weight.dtype:
         reason = f"input dtype {x.dtype} differs from the base weight dtype {weight.dtype}"
     if not reason and torch.is_autocast_enabled(x.device.type):
@@ -417,6 +522,14 @@ def _fused_class():
             """
             forward = _fused_forward
 
+            def merge(self, *args, **kwargs):
+                self.__dict__.pop(_DORA_CACHE_ATTR, None)  # W0 changes (a new tensor: see the module docstring)
+                return lora.Linear.merge(self, *args, **kwargs)
+
+            def unmerge(self, *args, **kwargs):
+                self.__dict__.pop(_DORA_CACHE_ATTR, None)
+                return lora.Linear.unmerge(self, *args, **kwargs)
+
             def __repr__(self) -> str:
                 return "lora_kernels." + nn.Module.__repr__(self)
 
@@ -432,7 +545,153 @@ _FUSED_CLS = None
 def __getattr__(name: str):  # PEP 562: `lora_kernels.peft_patch.FusedLoraLinear` builds the class lazily
     if name == "FusedLoraLinear":
         return _fused_class()
+    for peft_cls, cls in list(_FUSED_QUANT.items()):
+        if name == cls.__name__:
+            return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quantized bases (PEFT's lora.Linear4bit / lora.Linear8bitLt over bitsandbytes layers): the same class swap,
+# to a subclass whose forward runs `qlora_linear` on the base's `QuantWeight` (lora_kernels.quant).
+#
+# What differs from PEFT's layer: the base is x deq(W0)ᵀ in x's dtype (bitsandbytes' own 4-bit matmul may run
+# in bfloat16 on CPUs with AVX512-BF16, and its 8-bit matmul quantizes the activations to int8 as well), and
+# the backward's dx reads the quantized weight once. merge / unmerge are PEFT's (dequantize, add, requantize,
+# with its warning); the converted weight is cached per layer and rebuilt when the weight object changes.
+# ----------------------------------------------------------------------------------------------------
+
+_QUANT_CACHE_ATTR = "_lora_kernels_qweight"  # (key, QuantWeight) of a quantized base
+_FUSED_QUANT: dict = {}  # PEFT class -> fused subclass
+
+
+def _peft_quant_classes() -> tuple:
+    """PEFT's LoRA layer classes over bitsandbytes bases (none when bitsandbytes is not installed)."""
+    lora = _peft_lora()
+    return tuple(c for c in (getattr(lora, "Linear4bit", None), getattr(lora, "Linear8bitLt", None))
+                 if c is not None)
+
+
+def _quant_static_reason(layer: nn.Module) -> str:
+    base = layer._modules["base_layer"]
+    kind = quant.bnb_kind(base)
+    if kind == "8bit" and getattr(base.state, "has_fp16_weights", False):
+        return "Linear8bitLt with has_fp16_weights=True (the weight is not quantized)"
+    if _hooked(base):
+        return "base layer has forward hooks, which the fused op would bypass"
+    try:
+        quant.from_bnb(base)
+    except (ValueError, TypeError, ImportError) as e:
+        return f"quantized base not readable: {e}"
+    if kind == "4bit" and getattr(base.weight.quant_state, "packing_format_for_cpu", False):
+        return "bitsandbytes repacked this 4-bit weight for its CPU bf16 kernel (an eval-mode call happened)"
+    return ""
+
+
+def _quant_adapter_reason(layer: nn.Module, name: str) -> str:
+    d = layer.__dict__
+    if d.get("use_dora", {}).get(name, False) and quant.bnb_kind(d["_modules"]["base_layer"]) != "4bit":
+        return "DoRA over an 8-bit base is not fused (QDoRA: 4-bit bases)"
+    if d.get("lora_bias", {}).get(name, False):
+        return "lora_bias over a quantized base is not fused"
+    return _adapter_reason(layer, name)
+
+
+def _quant_patch_reason(layer: nn.Module) -> str:
+    return _layer_reason(layer, _quant_static_reason, _quant_adapter_reason)
+
+
+def _qweight(self, base: nn.Module):
+    """The base's QuantWeight, cached on the layer until the weight (object, storage or quant state) changes."""
+    return quant.cached_from_bnb(self.__dict__, _QUANT_CACHE_ATTR, base)
+
+
+def _quant_call(self, x: torch.Tensor):
+    """The fused call of a quantized-base layer, or None (PEFT's own forward runs; the reason is logged)."""
+    d = self.__dict__
+    name = _single_active(d)
+    if name is None:
+        return None
+    mods = d["_modules"]
+    A_mod = mods["lora_A"]._modules.get(name)
+    if A_mod is None:
+        return None
+    base = mods["base_layer"]
+    if _hooked(base) or _quant_adapter_reason(self, name):
+        return None
+    if _any_autocast() and torch.is_autocast_enabled(x.device.type):
+        return None
+    bias = base._parameters["bias"]
+    compute = base.__dict__.get("compute_dtype") if quant.bnb_kind(base) == "4bit" else None
+    if (compute is not None and compute != x.dtype) or (bias is not None and bias.dtype != x.dtype):
+        return None
+    if torch.is_grad_enabled() and bias is not None and bias.requires_grad:
+        return None
+    if quant.bnb_kind(base) == "4bit" and getattr(base._parameters["weight"].quant_state, "packing_format_for_cpu",
+                                                  False):
+        return None
+    A = A_mod._parameters["weight"]
+    B = mods["lora_B"]._modules[name]._parameters["weight"]
+    drop = mods["lora_dropout"]._modules[name]
+    p = drop.p if type(drop) is nn.Dropout else 0.0
+    qw = _qweight(self, base)
+    if d["use_dora"].get(name, False):  # QDoRA: DoRA's dropout term runs when the layer trains (PEFT's test)
+        magnitude = mods["lora_magnitude_vector"]._modules[name]._parameters["weight"]
+        s = self.scaling[name]
+        norm = _qdora_norm(self, name, qw, A, B, s)
+        return dora_linear(x, qw, bias, A, B, magnitude, s, p, self.training and drop.training,
+                           backend=d.get(_BACKEND_ATTR), weight_norm=norm)
+    return qlora_linear(x, qw, bias, A, B, self.scaling[name], p, drop.training, backend=d.get(_BACKEND_ATTR))
+
+
+def _qdora_norm(self, name: str, qw, A, B, s: float):
+    """`_dora_norm` over a quantized base: n of adapter `name` cached until the base (its codes / absmax) or A, B,
+    s change; ‖deq(W0)_j‖² cached apart (the base is frozen), so a training step dequantizes once for W0 Aᵀ."""
+    cache = self.__dict__.get(_DORA_CACHE_ATTR)
+    if cache is None:
+        cache = self.__dict__[_DORA_CACHE_ATTR] = {}
+    wkey = (_version_key(qw.codes), _version_key(qw.absmax), qw.fmt, A.dtype)
+    key = (wkey, _version_key(A), _version_key(B), s)
+    hit = cache.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    w2 = cache.get(None)
+    if w2 is None or w2[0] != wkey:
+        w2 = cache[None] = (wkey, qdora_weight_sq(qw, A))
+    n = qdora_weight_norm(qw, A, B, s, None, w2[1])
+    cache[name] = (key, n)
+    return n
+
+
+def _quant_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if not args and not kwargs:
+        y = _quant_call(self, x)
+        if y is not None:
+            return y
+    peft_cls = type(self).__mro__[1]
+    if not (self.disable_adapters or self.merged) and not args and not kwargs:
+        reason = _quant_patch_reason(self) or "the input dtype / autocast / bias does not match the fused path"
+        if reason not in _LOGGED_FALLBACKS:
+            _LOGGED_FALLBACKS.add(reason)
+            logger.warning("lora_kernels: running PEFT's own %s forward because %s (logged once per reason)",
+                           peft_cls.__name__, reason)
+    return peft_cls.forward(self, x, *args, **kwargs)
+
+
+def _fused_quant_class(peft_cls: type) -> type:
+    """The fused subclass of PEFT's `peft_cls` (lora.Linear4bit / lora.Linear8bitLt), made once."""
+    cls = _FUSED_QUANT.get(peft_cls)
+    if cls is None:
+        name = "Fused" + peft_cls.__name__
+        cls = type(name, (peft_cls,), {
+            "forward": _quant_forward,
+            "__doc__": f"PEFT's ``lora.{peft_cls.__name__}`` running `lora_kernels.qlora_linear` (see "
+                       "`lora_kernels.peft_patch`); everything but ``forward`` is PEFT's.",
+            "__repr__": lambda self: "lora_kernels." + nn.Module.__repr__(self),
+        })
+        cls.__module__, cls.__qualname__ = __name__, name
+        _FUSED_QUANT[peft_cls] = cls
+    return cls
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -453,7 +712,7 @@ def patch_peft(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
         model: a ``PeftModel`` or any module with PEFT LoRA layers injected.
         backend: None (fastest for the tensors' device), "torch", "triton" or "native"; stored per layer.
 
-    Returns a `PatchReport`; skipped layers (DoRA, several active adapters, fan_in_fan_out, lora_bias,
+    Returns a `PatchReport`; skipped layers (several active adapters, fan_in_fan_out, variants other than DoRA,
     quantised or hooked base layers, non-Linear LoRA layers) keep PEFT's forward and are logged once.
     Calling it again re-patches (e.g. after adding adapters) and updates the backend. Patch before wrapping
     the model (DDP, ``fully_shard``, ``torch.compile``).
@@ -464,14 +723,29 @@ def patch_peft(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     fused = _fused_class()
     lora = _peft_lora()
+    quant_classes = _peft_quant_classes()
     report = PatchReport()
     for name, module in _lora_layers(model):
+        peft_cls = next((c for c in quant_classes if type(module) in (c, _FUSED_QUANT.get(c))), None)
+        if peft_cls is not None:  # a bitsandbytes base
+            reason = _quant_patch_reason(module)
+            module.__dict__.pop(_QUANT_CACHE_ATTR, None)
+            if reason:
+                module.__class__ = peft_cls
+                module.__dict__.pop(_BACKEND_ATTR, None)
+                report.skipped[name] = reason
+            else:
+                module.__class__ = _fused_quant_class(peft_cls)
+                setattr(module, _BACKEND_ATTR, backend)
+                report.patched.append(name)
+            continue
         reason = _patch_reason(module)
         if reason:
             if type(module) is fused:  # its configuration changed since it was patched
                 module.__class__ = lora.Linear
                 module.__dict__.pop(_BACKEND_ATTR, None)
                 module.__dict__.pop(_STACK_CACHE_ATTR, None)
+                module.__dict__.pop(_DORA_CACHE_ATTR, None)
             report.skipped[name] = reason
             continue
         module.__class__ = fused
@@ -486,15 +760,23 @@ def patch_peft(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
 
 def unpatch_peft(model: nn.Module) -> int:
     """Give every fused layer in `model` back PEFT's ``lora.Linear`` class. Returns how many were restored."""
-    if _FUSED_CLS is None:
+    if _FUSED_CLS is None and not _FUSED_QUANT:
         return 0
     lora = _peft_lora()
     n = 0
     for _, module in _lora_layers(model):
+        peft_cls = next((c for c, f in _FUSED_QUANT.items() if type(module) is f), None)
+        if peft_cls is not None:
+            module.__class__ = peft_cls
+            module.__dict__.pop(_BACKEND_ATTR, None)
+            module.__dict__.pop(_QUANT_CACHE_ATTR, None)
+            n += 1
+            continue
         if type(module) is _FUSED_CLS:
             module.__class__ = lora.Linear
             module.__dict__.pop(_BACKEND_ATTR, None)
             module.__dict__.pop(_STACK_CACHE_ATTR, None)
+            module.__dict__.pop(_DORA_CACHE_ATTR, None)
             n += 1
     return n
 
@@ -512,8 +794,6 @@ class _FusedLoraDispatch:
     def __call__(self, target: nn.Module, adapter_name: str, config: Any = None, **kwargs: Any):
         base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
         if type(base) is not nn.Linear or getattr(config, "fan_in_fan_out", False):
-            return None
-        if getattr(config, "use_dora", False) or getattr(config, "lora_bias", False):
             return None
         module = _fused_class()(target, adapter_name, config=config, **kwargs)
         setattr(module, _BACKEND_ATTR, self.backend)

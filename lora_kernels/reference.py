@@ -190,3 +190,94 @@ def multi_lora_linear_backward(dy, x, weight, A_stacks, B_stacks, scalings, toke
             lora_dx += A[l, :r].T @ dS
         dx[t] += lora_dx * keep
     return dx, dA, dB
+
+
+# ====================================================================================================
+# DoRA (weight-decomposed LoRA), PEFT's exact semantics. The spec for lora_kernels/ops/dora.py.
+#
+#   magnitude m: [out], lora_bias c: [out] | None (the bias of PEFT's lora_B when lora_bias=True), x̂ as above.
+#   L   = B A + c 1ᵀ                                   [out, in]  (PEFT forms B A through lora_B's forward, so
+#                                                                  its bias lands on every column)
+#   n   = ‖W0 + s · L‖ per row, detached              [out]      (DoRA §4.3: no gradient through the norm)
+#   g   = m / n                                        [out]
+#   y   = x W0ᵀ + b + (g − 1) ⊙ (x̂ W0ᵀ) + g ⊙ s · (x̂ Aᵀ Bᵀ + c)
+#       = g ⊙ (x W0ᵀ + s · (x Aᵀ Bᵀ + c)) + b        without dropout
+# ====================================================================================================
+
+def dora_weight_norm(weight, lora_A, lora_B, scaling, lora_bias=None):
+    """n = ‖W0 + s · (B A + c 1ᵀ)‖ per row, built as the [out, in] matrix (the direct form), compute dtype."""
+    dt = _compute_dtype(weight, lora_A, lora_B)
+    L = lora_B.to(dt) @ lora_A.to(dt)
+    if lora_bias is not None:
+        L = L + lora_bias.to(dt)[:, None]
+    return torch.linalg.vector_norm(weight.to(dt) + scaling * L, dim=1)
+
+
+def dora_linear_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, keep_mask=None, dropout_p=0.0,
+                        lora_bias=None):
+    """y [M, out] in the compute dtype for x: [M, in], by the formula above. Differentiable in x, A, B, m and c
+    (the norm detached), so autograd on float64 inputs gives the reference gradients."""
+    dt = _compute_dtype(x, weight, lora_A, lora_B, magnitude)
+    x, weight, lora_A, lora_B, magnitude = (t.to(dt) for t in (x, weight, lora_A, lora_B, magnitude))
+    c = None if lora_bias is None else lora_bias.to(dt)
+    g = magnitude / dora_weight_norm(weight, lora_A, lora_B, scaling, c).detach()
+    x_hat = apply_dropout(x, keep_mask, dropout_p)
+    lora = x_hat @ lora_A.T @ lora_B.T
+    if c is not None:
+        lora = lora + c
+    y = x @ weight.T + (g - 1) * (x_hat @ weight.T) + g * scaling * lora
+    if bias is not None:
+        y = y + bias.to(dt)
+    return y
+
+
+# ====================================================================================================
+# Quantized base weights (QLoRA), in the layout bitsandbytes stores. The spec for lora_kernels/quant.py and
+# lora_kernels/ops/qlora.py; bit-exact with bitsandbytes' own dequantization.
+#
+#   4-bit ("nf4" / "fp4"), weight [out, in] flattened row-major to n = out · in values w[i]:
+#     codes   uint8 [⌈n/2⌉]: w[2j] is the high nibble of codes[j], w[2j+1] the low one
+#     absmax  float32 [⌈n/64⌉]: one scale per block of 64 consecutive values (blocks cross rows when in % 64 ≠ 0)
+#     w[i]   = fp32(TABLE[code(i)] · absmax[i // 64]), then rounded to the weight's dtype
+#   nested ("double quantization") absmax: uint8 q [⌈n/64⌉] with its own float32 scales a2 [⌈n/64/256⌉],
+#     a 256-entry float32 code table and a float32 offset:  absmax[b] = fp32(code2[q[b]] · a2[b // 256]) + offset
+#   8-bit row-wise ("int8_row", bitsandbytes' Linear8bitLt): int8 C [out, in], float32 row scales s [out]:
+#     w[o, k] = fp32(fp32(C[o, k] · s[o]) · (1/127))
+# ====================================================================================================
+
+# The 16-entry value tables of the 4-bit formats, index = the 4-bit code. NF4: the normal-float levels of the
+# QLoRA paper (Dettmers et al. 2023, appendix E); FP4: sign + 2-bit exponent + 1-bit mantissa, normalised to
+# a largest magnitude of 1. Rounded to float32 when used.
+NF4_TABLE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+             0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+             0.7229568362236023, 1.0)
+FP4_TABLE = tuple(v / 12.0 for v in (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
+                                     -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0))
+INT8_ROW_SCALE = 7.874015718698502e-3  # 1/127 as bitsandbytes writes it (rounded to float32 when applied)
+
+
+def quant_table(quant_type: str, device=None) -> torch.Tensor:
+    """The [16] float32 value table of "nf4" or "fp4"."""
+    values = {"nf4": NF4_TABLE, "fp4": FP4_TABLE}[quant_type]
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def dequantize_absmax(q_absmax, nested_absmax, nested_code, nested_offset, nested_blocksize=256):
+    """absmax [nb] float32 from its nested form: code2[q] · a2[b // nested_blocksize] + offset."""
+    idx = torch.arange(q_absmax.numel(), device=q_absmax.device) // nested_blocksize
+    return nested_code.float()[q_absmax.reshape(-1).long()] * nested_absmax.float()[idx] + nested_offset.float()
+
+
+def dequantize_4bit(codes, absmax, quant_type, shape, dtype=torch.float32, blocksize=64):
+    """W [out, in] in `dtype` from packed 4-bit codes and float32 absmax (nested absmax: `dequantize_absmax`)."""
+    n = shape[0] * shape[1]
+    q = codes.reshape(-1).to(torch.int64)
+    idx = torch.stack([q >> 4, q & 15], dim=1).reshape(-1)[:n]
+    scale = absmax.float()[torch.arange(n, device=codes.device) // blocksize]
+    return (quant_table(quant_type, codes.device)[idx] * scale).reshape(shape).to(dtype)
+
+
+def dequantize_int8_row(codes, scales, dtype=torch.float32):
+    """W [out, in] in `dtype` from int8 codes [out, in] and float32 row scales [out]."""
+    return (codes.float() * scales.float()[:, None] * INT8_ROW_SCALE).to(dtype)

@@ -336,18 +336,28 @@ def test_mixed_batch_adapter_names_runs_multi_lora_and_matches_peft(fused_calls)
 # skipped layers
 # ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw, reason", [
-    pytest.param(dict(use_dora=True), "DoRA", id="dora"),
-    pytest.param(dict(lora_bias=True), "lora_bias", id="lora_bias"),
+@pytest.mark.parametrize("kw", [
+    pytest.param(dict(use_dora=True), id="dora"),
+    pytest.param(dict(lora_bias=True), id="lora_bias"),
 ])
-def test_unsupported_configs_are_skipped_with_a_reason(kw, reason, caplog):
-    with caplog.at_level(logging.WARNING, logger="lora_kernels.peft"):
-        model, ref, report = peft_pair(**kw)
-    assert report.num_patched == 0 and len(report.skipped) == N_LAYERS
-    assert all(reason in r for r in report.skipped.values()), report.skipped
-    assert len([r for r in caplog.records if "kept on PEFT's forward" in r.getMessage()]) == 1
+def test_dora_and_lora_bias_layers_are_patched_and_match_peft(kw, fused_calls):
+    """(Once skipped with a reason; tests/test_dora.py holds the detailed DoRA checks.)"""
+    model, ref, report = peft_pair(**kw)
+    assert report.num_patched == N_LAYERS and not report.skipped, report
     x = ids()
-    torch.testing.assert_close(model(input_ids=x).logits, ref(input_ids=x).logits, rtol=0, atol=0)
+    with torch.no_grad():
+        for m in (model, ref):  # lora_B's bias is initialised to 0; make it count
+            for n, p in m.named_parameters():
+                if "lora_B" in n and n.endswith("bias"):
+                    p.copy_(torch.linspace(-0.5, 0.5, p.numel()))
+    logits, grads = loss_and_grads(model, x)
+    logits_ref, grads_ref = loss_and_grads(ref, x)
+    assert fused_calls["lora_linear"] == (0 if kw.get("use_dora") else N_LAYERS)
+    torch.testing.assert_close(logits, logits_ref, rtol=RTOL, atol=ATOL)
+    assert set(grads) == set(grads_ref) and len(grads) > 2 * N_LAYERS  # + magnitudes and / or lora_B biases
+    for name, g in grads_ref.items():
+        assert torch.count_nonzero(g) > 0, name
+        torch.testing.assert_close(grads[name], g, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
 
 
 def test_non_linear_and_hooked_layers_are_skipped():
@@ -363,7 +373,7 @@ def test_non_linear_and_hooked_layers_are_skipped():
     assert "instance-level forward" in report.skipped["base_model.model.model.layers.1.self_attn.q_proj"]
 
 
-def test_adapter_added_after_patching_falls_back_at_call_time(caplog):
+def test_dora_adapter_added_after_patching_runs_fused():
     ref = get_peft_model(tiny_llama(), lora_config(target_modules=["q_proj", "v_proj"]))
     ref.add_adapter("dora", lora_config(target_modules=["q_proj", "v_proj"], use_dora=True))
     model = copy.deepcopy(ref)
@@ -371,9 +381,8 @@ def test_adapter_added_after_patching_falls_back_at_call_time(caplog):
     assert lora_kernels.patch_peft(model, backend="torch").num_patched == 4
     model.set_adapter("dora"), ref.set_adapter("dora")
     x = ids()
-    with caplog.at_level(logging.WARNING, logger="lora_kernels.peft"):
-        torch.testing.assert_close(model(input_ids=x).logits, ref(input_ids=x).logits, rtol=0, atol=0)
-    assert any("DoRA" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(model(input_ids=x).logits, ref(input_ids=x).logits, rtol=RTOL, atol=ATOL)
+    assert peft_patch._DORA_CACHE_ATTR in model.base_model.model.model.layers[0].self_attn.q_proj.__dict__
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ Examples:
     python -m bench                          # everything, default grid for this device
     python -m bench --quick                  # the headline cases (README / RESULTS.md), small CPU versions on a CPU
     python -m bench --suite overhead         # per-call host overhead on a tiny layer
+    python -m bench --suite dora             # DoRA vs PEFT's DoRA and our LoRA, against the floor (issue 20)
+    python -m bench --suite vllm             # vLLM end to end: its own LoRA backend vs lora_kernels' (minutes)
     python -m bench --suite lora_linear --models llama3-8b --projs q,down --ranks 16 --tokens 1,8192
     python -m bench --floors                 # FLOPs, bytes and roofline floor of the headline cases
 """
@@ -22,10 +24,13 @@ import time
 
 import torch
 
+from lora_kernels.bench import bench_dora as dora_suite
 from lora_kernels.bench import bench_lora_linear as single
 from lora_kernels.bench import bench_multi_lora as multi
 from lora_kernels.bench import bench_multi_lora_train as train
 from lora_kernels.bench import bench_overhead as overhead
+from lora_kernels.bench import bench_qlora as qlora_suite
+from lora_kernels.bench import bench_vllm as vllm_suite
 from lora_kernels.bench.common import DTYPES, Context, dtype_name
 from lora_kernels.bench.report import (Progress, add_ratios, busy_note, is_busy, machine_info, machine_line,
                                        print_tables, summary, write_outputs)
@@ -34,7 +39,8 @@ from lora_kernels.bench.timing import measure_peaks
 
 # Outside a checkout the outputs go to the current directory (a checkout's `make bench` passes bench/out).
 DEFAULT_OUT = "lora_kernels_bench"
-SUITES = (single.SUITE, multi.SUITE, train.SUITE, overhead.SUITE)
+SUITES = (single.SUITE, multi.SUITE, train.SUITE, overhead.SUITE, vllm_suite.SUITE, qlora_suite.SUITE,
+          dora_suite.SUITE)
 GPU_LINE = ("No CUDA device: ran small CPU shapes with the CPU backends. GPU figures (Triton / native "
             "kernels, CUDA-event timing, peak memory) need a GPU: run `make bench` on a CUDA machine.")
 
@@ -208,7 +214,8 @@ def _run(args, device, gpu, dtype, adapter_dtype, prog, argv, auto_threads=False
         if busy:
             print(busy, flush=True)
 
-    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    # The vllm suite starts three vLLM engines and takes minutes: not part of --quick.
+    suites = [s for s in SUITES if not (args.quick and s == vllm_suite.SUITE)] if args.suite == "all" else [args.suite]
     plan = []
     if single.SUITE in suites:
         contenders = _contenders(args, single.CONTENDERS, single.SUITE)
@@ -232,6 +239,16 @@ def _run(args, device, gpu, dtype, adapter_dtype, prog, argv, auto_threads=False
         names = overhead.contenders(device)
         contenders = _contenders(args, names, overhead.SUITE) if args.suite == overhead.SUITE else names
         plan.append((overhead.SUITE, None, contenders, None, len(contenders) * len(overhead.PHASES)))
+    if qlora_suite.SUITE in suites and not (args.suite == "all" and _custom(args)):  # fixed shapes: not with custom ones
+        contenders = _contenders(args, qlora_suite.CONTENDERS, qlora_suite.SUITE)
+        plan.append((qlora_suite.SUITE, None, contenders, None, len(contenders) * len(qlora_suite.cases()) + 1))
+    if dora_suite.SUITE in suites and not (args.suite == "all" and _custom(args)):  # fixed shapes, as qlora's
+        contenders = _contenders(args, dora_suite.CONTENDERS, dora_suite.SUITE)
+        n_train = sum(c[-1] == "fwd+bwd" for c in dora_suite.cases())
+        plan.append((dora_suite.SUITE, None, contenders, None, len(contenders) * len(dora_suite.cases()) + n_train))
+    if vllm_suite.SUITE in suites and not (args.suite == "all" and _custom(args)):  # fixed model, as qlora's
+        contenders = _contenders(args, vllm_suite.CONTENDERS, vllm_suite.SUITE)
+        plan.append((vllm_suite.SUITE, None, contenders, None, len(contenders) * len(vllm_suite.PHASES)))
 
     ctx = Context(device=device, dtype=dtype, adapter_dtype=adapter_dtype,
                   budget_ms=args.budget_ms or (200.0 if gpu else 100.0), graph=args.graph if gpu else "never",
@@ -254,6 +271,12 @@ def _run(args, device, gpu, dtype, adapter_dtype, prog, argv, auto_threads=False
                 rows += multi.run(cases, contenders, ctx)
             elif suite == train.SUITE:
                 rows += train.run(cases, contenders, ctx)
+            elif suite == vllm_suite.SUITE:
+                rows += vllm_suite.run(ctx, contenders, quick=args.quick)
+            elif suite == qlora_suite.SUITE:
+                rows += qlora_suite.run(ctx, contenders)
+            elif suite == dora_suite.SUITE:
+                rows += dora_suite.run(ctx, contenders)
             else:
                 rows += overhead.run(ctx, contenders)
             seconds[suite] = round(time.monotonic() - t_suite, 1)
@@ -264,6 +287,10 @@ def _run(args, device, gpu, dtype, adapter_dtype, prog, argv, auto_threads=False
 
     add_ratios(rows)
     print_tables(rows, ctx.peaks)
+    if any(r.get("suite") == qlora_suite.SUITE for r in rows):
+        print("\n" + qlora_suite.table(rows) + "\n" + "\n".join("  " + ln for ln in qlora_suite.goal_lines(rows)))
+    if any(r.get("suite") == dora_suite.SUITE for r in rows):
+        print("\n" + dora_suite.table(rows) + "\n" + "\n".join("  " + ln for ln in dora_suite.goal_lines(rows)))
     lines = summary(rows)
     if lines:
         print("\nSummary (geometric means):")

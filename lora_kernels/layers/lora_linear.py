@@ -1,4 +1,8 @@
-"""`LoRALinear`: a drop-in for PEFT's `lora.Linear` (one adapter) that runs the fused op."""
+"""`LoRALinear`: a drop-in for PEFT's `lora.Linear` (one adapter) that runs the fused op.
+
+The base may be a plain ``nn.Linear`` or a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (QLoRA): its weight is
+converted to a `lora_kernels.quant.QuantWeight` (`quant.from_bnb`, sharing the tensors), cached on the layer and
+rebuilt when the weight object, its storage or its quant state change; the op is then `qlora_linear`'s."""
 from __future__ import annotations
 
 import math
@@ -8,7 +12,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from lora_kernels import quant
 from lora_kernels.ops.lora_linear import lora_linear
+
+_QWEIGHT_ATTR = "_qweight"  # (key, QuantWeight) of a bitsandbytes base (quant.cached_from_bnb)
 
 
 class LoRALinear(nn.Module):
@@ -18,6 +25,10 @@ class LoRALinear(nn.Module):
     ``base_layer.bias``, ``lora_A.<adapter>.weight`` [r, in], ``lora_B.<adapter>.weight`` [out, r].
     The base layer is frozen. ``scaling`` is a dict keyed by adapter name and read at every forward.
     ``backend`` (None = fastest available) may be changed at any time.
+
+    A bitsandbytes base (``Linear4bit`` / ``Linear8bitLt``, quantized: moved to its device) runs
+    `qlora_linear`; the adapters are then float32 (PEFT's default), and ``merge`` / ``unmerge`` are refused
+    (requantizing changes W0: use PEFT's merge, which warns about it).
     """
 
     def __init__(self, base_layer: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
@@ -32,6 +43,9 @@ class LoRALinear(nn.Module):
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.quant_kind = quant.bnb_kind(base_layer)  # "4bit" / "8bit" / ""
+        if self.quant_kind:
+            quant.cached_from_bnb(self.__dict__, _QWEIGHT_ATTR, base_layer)  # a clear error now, not at forward
         self.adapter_name = adapter_name
         self.backend = backend
         self.r = {adapter_name: r}
@@ -41,10 +55,11 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.ModuleDict(
             {adapter_name: nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()})
         w = base_layer.weight
+        dt = torch.float32 if self.quant_kind else w.dtype  # a quantized weight's dtype is its storage's
         self.lora_A = nn.ModuleDict({adapter_name: nn.Linear(self.in_features, r, bias=False,
-                                                             device=w.device, dtype=w.dtype)})
+                                                             device=w.device, dtype=dt)})
         self.lora_B = nn.ModuleDict({adapter_name: nn.Linear(r, self.out_features, bias=False,
-                                                             device=w.device, dtype=w.dtype)})
+                                                             device=w.device, dtype=dt)})
         self.merged_adapters: list[str] = []
         self.reset_lora_parameters(init_lora_weights)
         for p in base_layer.parameters():
@@ -77,6 +92,7 @@ class LoRALinear(nn.Module):
         nn.Module.__init__(self)
         self.base_layer = peft_layer.base_layer
         self.in_features, self.out_features = peft_layer.in_features, peft_layer.out_features
+        self.quant_kind = quant.bnb_kind(self.base_layer)
         self.adapter_name, self.backend = name, backend
         self.r = {name: peft_layer.r[name]}
         self.lora_alpha = {name: peft_layer.lora_alpha[name]}
@@ -104,10 +120,18 @@ class LoRALinear(nn.Module):
         A = self.lora_A[self.adapter_name].weight
         B = self.lora_B[self.adapter_name].weight
         delta = (B.float() @ A.float()) * self.scaling[self.adapter_name]
-        return delta.to(self.base_layer.weight.dtype)
+        return delta if self.quant_kind else delta.to(self.base_layer.weight.dtype)
+
+    def _refuse_quantized_merge(self) -> None:
+        if self.quant_kind:
+            raise NotImplementedError(
+                f"merge/unmerge on a bitsandbytes {self.quant_kind} base is not supported by LoRALinear: "
+                "requantizing W0 + s·BA changes the base weight; use PEFT's lora layer (its merge dequantizes, "
+                "adds and requantizes, with a warning) or keep the adapter unmerged")
 
     @torch.no_grad()
     def merge(self) -> None:
+        self._refuse_quantized_merge()
         if self.merged:
             warnings.warn(f"Already merged: {self.merged_adapters}. Nothing to do.")
             return
@@ -116,6 +140,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        self._refuse_quantized_merge()
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
@@ -130,24 +155,30 @@ class LoRALinear(nn.Module):
         base = mods["base_layer"]
         try:
             weight, bias = base._parameters["weight"], base._parameters["bias"]
+            if self.quant_kind:
+                weight = quant.cached_from_bnb(self.__dict__, _QWEIGHT_ATTR, base)
             A = mods["lora_A"]._modules[name]._parameters["weight"]
             B = mods["lora_B"]._modules[name]._parameters["weight"]
         except KeyError:  # e.g. a parametrized weight
             weight, bias = base.weight, base.bias
+            if self.quant_kind:
+                weight = quant.cached_from_bnb(self.__dict__, _QWEIGHT_ATTR, base)
             A, B = self.lora_A[name].weight, self.lora_B[name].weight
         drop = mods["lora_dropout"]._modules[name]
         return lora_linear(x, weight, bias, A, B, self.scaling[name], drop.p if isinstance(drop, nn.Dropout) else 0.0,
                            self.training, backend=self.backend)
 
     def extra_repr(self) -> str:
+        q = f", base={self.quant_kind}" if self.quant_kind else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"r={self.r[self.adapter_name]}, adapter={self.adapter_name!r}, backend={self.backend}")
+                f"r={self.r[self.adapter_name]}, adapter={self.adapter_name!r}, backend={self.backend}{q}")
 
 
 def unsupported_peft_reason(layer: nn.Module) -> str:
     """Why the fused op cannot run this PEFT LoRA layer, or "" when it can."""
-    if not isinstance(getattr(layer, "base_layer", None), nn.Linear) or type(layer.base_layer) is not nn.Linear:
-        return f"base layer is {type(getattr(layer, 'base_layer', None)).__name__}, not a plain nn.Linear"
+    base = getattr(layer, "base_layer", None)
+    if type(base) is not nn.Linear and not (isinstance(base, nn.Linear) and quant.bnb_kind(base)):
+        return f"base layer is {type(base).__name__}, not a plain nn.Linear or a bitsandbytes Linear4bit / Linear8bitLt"
     active = list(getattr(layer, "active_adapters", []))
     if len(active) != 1:
         return f"needs exactly one active adapter, has {active}"

@@ -1,5 +1,6 @@
 """`MultiLoRALinear`: a frozen nn.Linear plus `max_loras` adapter slots, one adapter per token, for serving
-(slot buffers) and for training many adapters in one batch (per-slot parameters, `StepBatch`)."""
+(slot buffers) and for training many adapters in one batch (per-slot parameters, `StepBatch`). A slot may hold
+a DoRA adapter: the LoRA op's output rescaled per token by its slot's column scale g (see the class)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_kernels.ops.multi_lora import LoRABatch, multi_lora_linear, run_linear
+from lora_kernels.ops import dora as _dora
+from lora_kernels.ops.batch import LoRABatch, StepDropout
+from lora_kernels.ops.multi_lora import dropout_args, dropped_input, multi_lora_linear, run_linear
+from lora_kernels.ops.plumbing import lora_dtype
 
 
 @dataclass(frozen=True)
@@ -21,13 +25,15 @@ class StepBatch:
 
     slots:      the layer slots present, ascending (host ints).
     slot_index: [L'] int64 on the batch's device, `slots` as a tensor (gathers the slots' scalings / ranks).
-    dropout_p:  [L'] float64 per-slot LoRA dropout, or None when no slot has any.
+    dropout_p:  the step's per-slot LoRA dropout over the L' slots (`StepDropout`: host rates and the device
+                vectors the kernels take, made here once, so no layer reads them back), or None when no slot
+                has any.
     """
 
     batch: LoRABatch
     slots: tuple[int, ...]
     slot_index: Tensor
-    dropout_p: Optional[Tensor]
+    dropout_p: Optional[StepDropout]
 
     @classmethod
     def from_sequences(cls, seq_slots: Sequence[int], seq_len: int, dropout_p: Optional[Sequence[float]] = None,
@@ -42,16 +48,18 @@ class StepBatch:
         # Ids come from `compact`: valid by construction, so nothing is read back from the device.
         batch = LoRABatch.from_sequences(ids, seq_len, len(slots), device=device, check=False)
         ps = [float(dropout_p[s]) for s in slots] if dropout_p is not None else [0.0] * len(slots)
-        drop = torch.tensor(ps, dtype=torch.float64, device=batch.device) if any(ps) else None
-        return cls(batch, slots, torch.tensor(slots, dtype=torch.int64, device=batch.device), drop)
+        return cls(batch, slots, torch.tensor(slots, dtype=torch.int64, device=batch.device),
+                   StepDropout.build(ps, batch.device))
 
 
 class BatchContext:
     """The batch of the current forward step (a LoRABatch over all slots, or a StepBatch), shared by every
-    MultiLoRALinear of one model."""
+    MultiLoRALinear of one model, and `slots`: the layer slots its tokens use as host ints, when the caller
+    knows them (None: unknown). A layer whose DoRA slots are all absent from `slots` skips DoRA's rescale."""
 
     def __init__(self) -> None:
         self.batch: Optional[Union[LoRABatch, StepBatch]] = None
+        self.slots: Optional[frozenset] = None
 
 
 class MultiLoRALinear(nn.Module):
@@ -76,6 +84,21 @@ class MultiLoRALinear(nn.Module):
     ``self.training``. A trainable slot absent from the step is not in the graph: its parameters get no
     gradient (grad stays None). `sync_trainable(slot)` copies the parameters into the slot buffers, which is
     how a trained adapter is served.
+
+    DoRA slots (``magnitude=`` m [out] in set_slot / add_trainable), PEFT's ``use_dora=True``::
+
+        y[t] = g_l ⊙ (x[t] W0ᵀ + s_l · (x[t] A_lᵀ) B_lᵀ) + b,    g_l = m_l / ‖W0 + s_l · B_l A_l‖_row (detached)
+
+    the norm taken per output slice with that slice's A_i, B_i (‖W0_j‖ for a slice the adapter does not touch).
+    ``dora_scale`` [max_loras + 1, out] (buffer, in the LoRA compute dtype promote(W0, slots, float32)) holds
+    g_l for DoRA slots and 1 elsewhere; its last row is all ones and is what the -1 tokens index. It is
+    computed when a slot is written (set_slot, add_trainable, sync_trainable) with the single-adapter DoRA
+    norm (`lora_kernels.ops.dora.dora_weight_norm`), never per step. Served (a LoRABatch), after the grouped
+    op: ``y[t] = g[l] ⊙ (y[t] − b) + b`` in the compute dtype, rounded once -- only when a DoRA slot may be in
+    the batch (``context.slots``); otherwise nothing extra runs. Training (a StepBatch with a trainable DoRA
+    slot, parameter ``train_m["<slot>"]`` [out]): g = m / n with n recomputed each forward from the current A,
+    B (gradients reach A, B and m); with LoRA dropout, PEFT's DoRA form
+    ``y = (x − x̂) W0ᵀ + b + g ⊙ (x̂ W0ᵀ + s · (x̂ Aᵀ) Bᵀ)`` (rows of plain slots have g = 1: plain LoRA).
     """
 
     def __init__(self, base_layer: nn.Linear, max_loras: int, max_rank: int,
@@ -110,8 +133,14 @@ class MultiLoRALinear(nn.Module):
                              persistent=False)
         self.register_buffer("ranks", torch.zeros(max_loras, dtype=torch.int32, device=w.device), persistent=False)
         self._host_ranks = [0] * max_loras  # ranks[] on the host: a StepBatch's padded rank without a device read
+        self._host_scalings = [0.0] * max_loras  # scalings[] on the host: DoRA's training norm without a read
+        ct = lora_dtype(w.dtype, dtype)  # DoRA's column scales: the LoRA compute dtype
+        self.register_buffer("dora_scale", torch.ones(max_loras + 1, self.out_features, dtype=ct, device=w.device),
+                             persistent=False)
+        self._dora_slots: set[int] = set()  # the slots holding a DoRA adapter (host)
         self.train_A = nn.ParameterDict()
         self.train_B = nn.ParameterDict()
+        self.train_m = nn.ParameterDict()
         self.training = base_layer.training
 
     @property
@@ -126,9 +155,14 @@ class MultiLoRALinear(nn.Module):
         if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < self.max_loras:
             raise IndexError(f"slot must be an int in [0, max_loras={self.max_loras}), got {slot!r}")
 
-    def _check_adapter(self, slot: int, lora_A, lora_B, scaling) -> tuple[list, list, float, int]:
+    def _check_adapter(self, slot: int, lora_A, lora_B, scaling, magnitude=None) -> tuple[list, list, float, int]:
         """(A per slice, B per slice, scaling, rank) of one adapter, validated (see set_slot)."""
         self._check_slot(slot)
+        if magnitude is not None and (not isinstance(magnitude, Tensor) or not magnitude.is_floating_point()
+                                      or tuple(magnitude.shape) != (self.out_features,)):
+            raise ValueError(f"magnitude must be a floating-point tensor of shape [out={self.out_features}], got "
+                             f"{tuple(magnitude.shape) if isinstance(magnitude, Tensor) else type(magnitude).__name__}"
+                             f"{' ' + str(magnitude.dtype) if isinstance(magnitude, Tensor) else ''}")
         try:
             s = float(scaling)
         except (TypeError, ValueError):
@@ -161,7 +195,8 @@ class MultiLoRALinear(nn.Module):
         return As, Bs, s, rank
 
     @torch.no_grad()
-    def _write_slot(self, slot: int, As: list, Bs: list, scaling: float, rank: int) -> None:
+    def _write_slot(self, slot: int, As: list, Bs: list, scaling: float, rank: int,
+                    magnitude: Optional[Tensor] = None) -> None:
         for i, (A, B) in enumerate(zip(As, Bs)):
             a, b = self.A_stacks[i][slot], self.B_stacks[i][slot]
             a.zero_()
@@ -172,25 +207,80 @@ class MultiLoRALinear(nn.Module):
         self.scalings[slot] = scaling
         self.ranks[slot] = rank
         self._host_ranks[slot] = rank
+        self._host_scalings[slot] = scaling
+        self._write_dora(slot, magnitude)
+
+    @torch.no_grad()
+    def _write_dora(self, slot: int, magnitude: Optional[Tensor]) -> None:
+        """Slot `slot`'s row of dora_scale: m / n from the slot's buffers (as served), or 1 (not DoRA)."""
+        row = self.dora_scale[slot]
+        if magnitude is None:
+            row.fill_(1.0)
+            self._dora_slots.discard(slot)
+            return
+        R = self._host_ranks[slot]
+        As = [a[slot, :R] if R else None for a in self.A_stacks]
+        Bs = [b[slot, :, :R] if R else None for b in self.B_stacks]
+        n = self._weight_norm(As, Bs, self._host_scalings[slot])
+        row.copy_(magnitude.detach().to(row.device, n.dtype) / n)
+        self._dora_slots.add(slot)
+
+    def _weight_sq(self) -> Tensor:
+        """‖W0_j‖² [out] in the compute dtype, cached (W0 is frozen; a new or changed W0 is recomputed)."""
+        w = self.base_layer.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device, self.lora_A_0.dtype)
+        hit = self.__dict__.get("_w2")
+        if hit is None or hit[0] != key:
+            hit = self.__dict__["_w2"] = (key, _dora.weight_sq(w, self.lora_A_0))
+        return hit[1]
+
+    def _weight_norm(self, As: Sequence[Optional[Tensor]], Bs: Sequence[Optional[Tensor]], scaling: float) -> Tensor:
+        """n = ‖W0 + s · B A‖ per row [out], detached, slice by slice (the single-adapter DoRA norm; a slice
+        without A / B: ‖W0_j‖), in the compute dtype."""
+        w, w2 = self.base_layer.weight, self._weight_sq()
+        parts, c = [], 0
+        for A, B, n in zip(As, Bs, self.output_slices):
+            if A is None:
+                parts.append(w2[c:c + n].sqrt())
+            else:
+                parts.append(_dora.dora_weight_norm(w[c:c + n], A.detach(), B.detach(), scaling,
+                                                    weight_sq=w2[c:c + n]))
+            c += n
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    @torch.no_grad()
+    def dora_weight_norm(self, lora_A: Union[Tensor, Sequence[Optional[Tensor]]],
+                         lora_B: Union[Tensor, Sequence[Optional[Tensor]]], scaling: float) -> Tensor:
+        """‖W0 + s · B A‖ per row [out] of an adapter given as in set_slot (taken in the slots' dtype), in the
+        compute dtype: DoRA's initial magnitude (PEFT initialises m to it)."""
+        As, Bs, s, _ = self._check_adapter(0, lora_A, lora_B, scaling)
+        dev, dt = self.lora_A_0.device, self.lora_A_0.dtype
+        return self._weight_norm([None if A is None else A.to(dev, dt) for A in As],
+                                 [None if B is None else B.to(dev, dt) for B in Bs], s)
 
     def _drop_trainable(self, slot: int) -> None:
         for i in range(len(self.output_slices)):
             for d in (self.train_A, self.train_B):
                 if f"{slot}_{i}" in d:
                     del d[f"{slot}_{i}"]
+        if str(slot) in self.train_m:
+            del self.train_m[str(slot)]
 
     @torch.no_grad()
     def set_slot(self, slot: int, lora_A: Union[Tensor, Sequence[Optional[Tensor]]],
-                 lora_B: Union[Tensor, Sequence[Optional[Tensor]]], scaling: float) -> None:
-        """Copy one adapter into `slot`: lora_A [r, in], lora_B [out, r] (PEFT layout), scaling = alpha / r.
+                 lora_B: Union[Tensor, Sequence[Optional[Tensor]]], scaling: float,
+                 magnitude: Optional[Tensor] = None) -> None:
+        """Copy one adapter into `slot`: lora_A [r, in], lora_B [out, r] (PEFT layout), scaling = alpha / r,
+        magnitude: DoRA's m [out] (PEFT's ``lora_magnitude_vector``), or None for a plain LoRA adapter.
 
         For a layer with several output slices, lora_A / lora_B are lists with one entry per slice
         (None for a slice the adapter does not touch); slices may have different ranks. Checks everything
         before writing, so a bad adapter leaves the slot as it was. A trainable slot loses its parameters.
+        A DoRA slot's column scale g = m / ‖W0 + s · B A‖_row is computed here (see the class docstring).
         """
-        As, Bs, s, rank = self._check_adapter(slot, lora_A, lora_B, scaling)
+        As, Bs, s, rank = self._check_adapter(slot, lora_A, lora_B, scaling, magnitude)
         self._drop_trainable(slot)
-        self._write_slot(slot, As, Bs, s, rank)
+        self._write_slot(slot, As, Bs, s, rank, magnitude)
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
@@ -204,17 +294,21 @@ class MultiLoRALinear(nn.Module):
         self.scalings[slot] = 0.0
         self.ranks[slot] = 0
         self._host_ranks[slot] = 0
+        self._host_scalings[slot] = 0.0
+        self._write_dora(slot, None)
 
     @torch.no_grad()
     def add_trainable(self, slot: int, lora_A: Union[Tensor, Sequence[Optional[Tensor]]],
-                      lora_B: Union[Tensor, Sequence[Optional[Tensor]]], scaling: float) -> list[nn.Parameter]:
+                      lora_B: Union[Tensor, Sequence[Optional[Tensor]]], scaling: float,
+                      magnitude: Optional[Tensor] = None) -> list[nn.Parameter]:
         """Make `slot` trainable, starting from lora_A / lora_B (as in set_slot): new leaf parameters
         ``train_A["<slot>_<i>"]`` [r_i, in] and ``train_B["<slot>_<i>"]`` [out_i, r_i] for each slice the
-        adapter touches, in the slot buffers' dtype, and the same values in the slot buffers. Returns the new
-        parameters (A, B per slice). A `StepBatch` that lists the slot trains them; see `sync_trainable`."""
-        As, Bs, s, rank = self._check_adapter(slot, lora_A, lora_B, scaling)
+        adapter touches, in the slot buffers' dtype, and the same values in the slot buffers; with a DoRA
+        `magnitude` [out] also ``train_m["<slot>"]`` [out]. Returns the new parameters (A, B per slice, then m,
+        PEFT's order). A `StepBatch` that lists the slot trains them; see `sync_trainable`."""
+        As, Bs, s, rank = self._check_adapter(slot, lora_A, lora_B, scaling, magnitude)
         self._drop_trainable(slot)
-        self._write_slot(slot, As, Bs, s, rank)
+        self._write_slot(slot, As, Bs, s, rank, magnitude)
         params = []
         for i, (A, B) in enumerate(zip(As, Bs)):
             if A is None:
@@ -223,6 +317,10 @@ class MultiLoRALinear(nn.Module):
             self.train_A[f"{slot}_{i}"] = nn.Parameter(A.detach().to(dev, dt, copy=True))
             self.train_B[f"{slot}_{i}"] = nn.Parameter(B.detach().to(dev, dt, copy=True))
             params += [self.train_A[f"{slot}_{i}"], self.train_B[f"{slot}_{i}"]]
+        if magnitude is not None:
+            m = self.train_m[str(slot)] = nn.Parameter(
+                magnitude.detach().to(self.lora_A_0.device, self.lora_A_0.dtype, copy=True))
+            params.append(m)
         return params
 
     def _trainable(self, slots: Sequence[int]) -> tuple[list[list], list[list]]:
@@ -240,17 +338,26 @@ class MultiLoRALinear(nn.Module):
         As, Bs = self._trainable([slot])
         return [a[0] for a in As], [b[0] for b in Bs]
 
+    def trainable_magnitude(self, slot: int) -> Optional[nn.Parameter]:
+        """`slot`'s DoRA magnitude parameter m [out], or None (not trainable, or not DoRA)."""
+        key = str(slot)
+        return self.train_m[key] if key in self.train_m else None
+
     def trainable_parameters(self, slot: int) -> list[nn.Parameter]:
-        """`slot`'s parameters in this layer: A and B of each slice it touches (empty when not trainable)."""
+        """`slot`'s parameters in this layer: A and B of each slice it touches, then its DoRA magnitude (empty
+        when not trainable)."""
         As, Bs = self.trainable_weights(slot)
-        return [p for A, B in zip(As, Bs) if A is not None for p in (A, B)]
+        m = self.trainable_magnitude(slot)
+        return [p for A, B in zip(As, Bs) if A is not None for p in (A, B)] + ([m] if m is not None else [])
 
     @torch.no_grad()
     def sync_trainable(self, slot: int) -> None:
-        """Copy `slot`'s parameters into its buffers (the serving path then runs their current values)."""
+        """Copy `slot`'s parameters into its buffers (the serving path then runs their current values); a DoRA
+        slot's column scale is recomputed from them."""
         As, Bs = self.trainable_weights(slot)
         if any(A is not None for A in As):
-            self._write_slot(slot, As, Bs, float(self.scalings[slot]), self._host_ranks[slot])
+            self._write_slot(slot, As, Bs, self._host_scalings[slot], self._host_ranks[slot],
+                             self.trainable_magnitude(slot))
 
     def _check_call(self, x: Tensor, batch: LoRABatch) -> None:
         """x and the batch: the only arguments that change per step, checked first on every call."""
@@ -266,11 +373,33 @@ class MultiLoRALinear(nn.Module):
                              f"{batch.num_tokens} tokens on {batch.device}, got {got}")
 
     def forward(self, x: Tensor, batch: Optional[Union[LoRABatch, StepBatch]] = None) -> Tensor:
-        batch = batch if batch is not None else self.context.batch
+        slots = None  # the batch's slots on the host, when known: a batch without DoRA slots skips the rescale
         if batch is None:
-            return self.base_layer(x)
+            batch, slots = self.context.batch, self.context.slots
+            if batch is None:
+                return self.base_layer(x)
         if isinstance(batch, StepBatch):
             return self._forward_step(x, batch)
+        y = self._forward_slots(x, batch)
+        if self._dora_slots and (slots is None or not self._dora_slots.isdisjoint(slots)):
+            y = self._rescale(y, self.dora_scale[batch.token_adapter], bias_in_y=True)
+        return y
+
+    def _rescale(self, y: Tensor, g: Tensor, bias_in_y: bool) -> Tensor:
+        """DoRA's per-token column scale g [T, out] (compute dtype; 1 for rows of plain slots and -1 tokens):
+        g ⊙ (y − b) + b (bias_in_y) or g ⊙ y + b, computed in g's dtype and rounded once to y's."""
+        y2 = y.reshape(-1, self.out_features)
+        yc = y2 if y2.dtype == g.dtype else y2.to(g.dtype)
+        bias = self.base_layer.bias
+        if bias is None:
+            out = yc * g
+        else:
+            b = bias if bias.dtype == g.dtype else bias.to(g.dtype)
+            out = torch.addcmul(b, yc - b if bias_in_y else yc, g)
+        return out.to(y.dtype).view(*y.shape[:-1], self.out_features)
+
+    def _forward_slots(self, x: Tensor, batch: LoRABatch) -> Tensor:
+        """The serving path: the slot buffers, all max_loras slots."""
         self._check_call(x, batch)
         w, bias = self.base_layer.weight, self.base_layer.bias
         # The full argument check costs ~10-20 us of Python, per layer per step. The slot tensors keep
@@ -294,6 +423,7 @@ class MultiLoRALinear(nn.Module):
         R = max(self._host_ranks[s] for s in step.slots)
         if R == 0:  # none of the step's adapters touches this layer
             return self.base_layer(x)
+        dora = self._dora_slots and not self._dora_slots.isdisjoint(step.slots)
         A_stacks, B_stacks = [], []
         trainable_A, trainable_B = self._trainable(step.slots)
         for i, n in enumerate(self.output_slices):
@@ -309,9 +439,39 @@ class MultiLoRALinear(nn.Module):
             A_stacks.append(torch.stack(As))
             B_stacks.append(torch.stack(Bs))
         idx = step.slot_index
-        return multi_lora_linear(x, self.base_layer.weight, self.base_layer.bias, A_stacks, B_stacks,
-                                 self.scalings.index_select(0, idx), step.batch, self.ranks.index_select(0, idx),
-                                 backend=self.backend, dropout_p=step.dropout_p, training=self.training)
+        scalings, ranks = self.scalings.index_select(0, idx), self.ranks.index_select(0, idx)
+        w, bias = self.base_layer.weight, self.base_layer.bias
+        if not dora:
+            return multi_lora_linear(x, w, bias, A_stacks, B_stacks, scalings, step.batch, ranks,
+                                     backend=self.backend, dropout_p=step.dropout_p, training=self.training)
+        g = self._step_scale(step, trainable_A, trainable_B)[step.batch.token_adapter]
+        dropout, seed = dropout_args(step.dropout_p, len(step.slots), x.device, self.training)
+        if seed is None:  # y = g ⊙ (x W0ᵀ + s · x Aᵀ Bᵀ) + b
+            P = multi_lora_linear(x, w, None, A_stacks, B_stacks, scalings, step.batch, ranks, backend=self.backend)
+            return self._rescale(P, g, bias_in_y=False)
+        # PEFT's DoRA dropout: y = (x − x̂) W0ᵀ + b + g ⊙ P, P = x̂ W0ᵀ + s · x̂ Aᵀ Bᵀ (x̂ with each slot's rate;
+        # rows of plain slots have g = 1, which is plain LoRA's x W0ᵀ + b + s · x̂ Aᵀ Bᵀ).
+        x2 = x.reshape(-1, self.in_features)
+        x_hat = dropped_input(x2, step.batch.op_args(), dropout, seed)
+        P = multi_lora_linear(x_hat, w, None, A_stacks, B_stacks, scalings, step.batch, ranks, backend=self.backend)
+        y = self._rescale(P, g, bias_in_y=False) + F.linear(x2 - x_hat, w)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _step_scale(self, step: StepBatch, trainable_A: list, trainable_B: list) -> Tensor:
+        """[L' + 1, out]: g of each of the step's slots (trainable DoRA: m / n with n from the current A, B, so
+        m gets a gradient; served DoRA: its dora_scale row; plain: 1), then a row of ones for the -1 tokens."""
+        ones = self.dora_scale[-1]
+        rows = []
+        for j, s in enumerate(step.slots):
+            m = self.trainable_magnitude(s)
+            if m is not None:
+                n = self._weight_norm([A[j] for A in trainable_A], [B[j] for B in trainable_B],
+                                      self._host_scalings[s])
+                rows.append(m.to(n.dtype) / n)
+            else:
+                rows.append(self.dora_scale[s] if s in self._dora_slots else ones)
+        rows.append(ones)
+        return torch.stack(rows)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, max_loras={self.max_loras}, "

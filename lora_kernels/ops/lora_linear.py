@@ -9,40 +9,28 @@ Every backend implements two functions with the same arguments as the registered
         -> (dx, dA, dB), each in its tensor's dtype, None when not needed.
 The backward saves x, S and the dropout seed -- never the mask or x̂.
 
-Two ways in, with the same math:
-* eager (the common case): `lora_linear` checks its arguments once, asks `lora_kernels.dispatch` which
-  implementation runs (`backend=None`) and calls it directly -- under a plain autograd.Function when a
-  gradient is needed, bare otherwise. Going through a `custom_op` costs ~80 µs of Python dispatch per call
-  (torch 2.13, measured on CPU), more than the whole LoRA math at decode sizes.
-* traced (torch.compile) or profiled: the registered ops `torch.ops.lora_kernels.lora_linear_fwd` /
-  `lora_linear_bwd` with their fake and autograd registrations, so a compiled graph holds one opaque op
-  per layer and profiler traces name them. `backend="auto"` inside them dispatches at run time.
+The family's declaration (`FAMILY`) is all `lora_kernels.dispatch` needs to choose among the backends; the
+eager path, the autograd formulas and the registered ops' plumbing are `lora_kernels/ops/plumbing.py`'s. Two
+ways in, with the same math: eager (the implementations called directly, under `plumbing.LoRAFunction` when a
+gradient is needed) and traced / profiled (the registered ops `torch.ops.lora_kernels.lora_linear_fwd` /
+`lora_linear_bwd`; `backend="auto"` inside them dispatches at run time).
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from lora_kernels import dispatch
-from lora_kernels.backends import (HAS_TRITON, NATIVE, NATIVE_CUDA, TRITON_INTERPRETED, check_backend,
-                                   default_backend)
+from lora_kernels.backends import check_backend
 from lora_kernels.dropout import dropout_mask, new_seed
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_profiler_enabled = torch._C._autograd._profiler_enabled
-_any_autocast = torch._C._is_any_autocast_enabled
-# The native ops carry a Python autograd registration (lora_kernels/ops/native.py) that costs ~15 µs per
-# call even without grad (measured, torch 2.13 CPU). Our callers handle autograd themselves, so they call
-# below the autograd keys.
-_below_autograd = torch._C._AutoDispatchBelowADInplaceOrView
-
-
-def _shape(t: Tensor) -> str:
-    return "[" + ", ".join(str(d) for d in t.shape) + "]"
+from lora_kernels.ops import plumbing
+from lora_kernels.ops.plumbing import KERNEL_DTYPES, below_autograd, lora_dtype, seed_int
+from lora_kernels.ops.plumbing import shape_str as _shape
+from lora_kernels.quant import QuantWeight
 
 
 def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend) -> None:
@@ -91,8 +79,8 @@ def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, 
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if backend is not None and backend != "torch":
         check_backend(backend, dev)
-        if x.dtype not in _KERNEL_DTYPES:
-            raise TypeError(f"backend={backend!r} supports x of dtype {_KERNEL_DTYPES}, got {x.dtype}")
+        if x.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"backend={backend!r} supports x of dtype {KERNEL_DTYPES}, got {x.dtype}")
         if lora_A.dtype != x.dtype and lora_A.dtype != torch.float32:
             raise TypeError(f"backend={backend!r} needs lora_A/lora_B in x's dtype ({x.dtype}) or float32, "
                             f"got {lora_A.dtype}")
@@ -103,27 +91,12 @@ def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, 
 # added into the GEMM's output in place (addmm_ with alpha = scaling: no temporaries, no extra pass).
 # ----------------------------------------------------------------------------------------------------
 
-_LORA_DTYPE: dict = {}
-
-
-def _lora_dtype(x: Tensor, lora_A: Tensor) -> torch.dtype:
-    key = (x.dtype, lora_A.dtype)
-    dt = _LORA_DTYPE.get(key)
-    if dt is None:
-        dt = _LORA_DTYPE[key] = torch.promote_types(torch.promote_types(*key), torch.float32)
-    return dt
-
-
-def _native_dropout_ok(t: Tensor) -> bool:
-    return NATIVE is not None and (t.device.type == "cpu" or (t.device.type == "cuda" and NATIVE_CUDA))
-
-
 def _x_hat(x: Tensor, ct: torch.dtype, dropout_p: float, seed: Optional[Tensor]) -> Tensor:
     """x̂ = x ⊙ m / (1 - p) in dtype ct (x itself without dropout when its dtype is ct)."""
     if seed is None:
         return x if x.dtype == ct else x.to(ct)
-    if _native_dropout_ok(x):  # the vectorised generator of the extension: same mask, far faster
-        with _below_autograd():  # casts to ct in the same pass
+    if plumbing.native_dropout_ok(x):  # the vectorised generator of the extension: same mask, far faster
+        with below_autograd():  # casts to ct in the same pass
             return torch.ops.lora_kernels.native_dropout.default(x, dropout_p, seed, ct)
     keep = dropout_mask(seed, tuple(x.shape), dropout_p, device=x.device)
     return x.to(ct) * keep.to(ct) * (1.0 / (1.0 - dropout_p))
@@ -131,28 +104,35 @@ def _x_hat(x: Tensor, ct: torch.dtype, dropout_p: float, seed: Optional[Tensor])
 
 def _add_dropped(out: Tensor, t: Tensor, dropout_p: float, seed: Tensor) -> None:
     """out += t ⊙ m / (1 - p), m the mask of t's [M, K] shape."""
-    if _native_dropout_ok(t):
-        with _below_autograd():
+    if plumbing.native_dropout_ok(t):
+        with below_autograd():
             torch.ops.lora_kernels.native_dropout_add_.default(out, t, dropout_p, seed)
         return
     keep = dropout_mask(seed, tuple(t.shape), dropout_p, device=t.device)
     out.add_(t * keep.to(t.dtype), alpha=1.0 / (1.0 - dropout_p))
 
 
-def torch_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    ct = _lora_dtype(x, lora_A)
+def add_lora_(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, dropout_p: float,
+              seed: Optional[Tensor]) -> Tensor:
+    """y += s · (x̂ Aᵀ) Bᵀ in place on a base output y [M, out] computed apart; returns S = x̂ Aᵀ [M, r] in
+    promote(x, A, float32). The LoRA side of "torch" and of every base computed by other means (qlora_linear)."""
+    ct = lora_dtype(x.dtype, lora_A.dtype)
     A = lora_A if lora_A.dtype == ct else lora_A.to(ct)
     S = torch.mm(_x_hat(x, ct, dropout_p, seed), A.t())
-    y = torch.nn.functional.linear(x, weight, bias)
     if y.dtype == ct and lora_B.dtype == ct:
         y.addmm_(S, lora_B.t(), alpha=scaling)
     else:
         y.addmm_(S.to(y.dtype), lora_B.to(y.dtype).t(), alpha=scaling)
-    return y, S
+    return S
+
+
+def torch_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y, add_lora_(y, x, lora_A, lora_B, scaling, dropout_p, seed)
 
 
 def torch_bwd(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
-    ct = _lora_dtype(x, lora_A)
+    ct = lora_dtype(x.dtype, lora_A.dtype)
     G = dy if dy.dtype == ct else dy.to(ct)
     dx = dA = dB = None
     if need_dB:
@@ -183,52 +163,47 @@ def torch_bwd(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, need_d
 # ----------------------------------------------------------------------------------------------------
 
 def native_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    with _below_autograd():
+    with below_autograd():
         return torch.ops.lora_kernels.native_lora_linear_fwd.default(x, weight, bias, lora_A, lora_B, scaling,
                                                                      dropout_p, seed)
 
 
 def native_bwd(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
-    with _below_autograd():
+    with below_autograd():
         dx, dA, dB = torch.ops.lora_kernels.native_lora_linear_bwd.default(
             dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, need_dx, need_dA, need_dB)
     return dx if need_dx else None, dA if need_dA else None, dB if need_dB else None
 
 
-@functools.lru_cache(maxsize=None)
 def _kernels():
-    from lora_kernels.kernels import lora_linear as k  # imports triton: only when a Triton backend runs
-    return k
-
-
-def _seed_int(seed: Optional[Tensor]) -> Optional[int]:
-    return None if seed is None else int(seed.item())  # a CPU tensor: no device sync
+    return plumbing.kernels("lora_linear")
 
 
 def triton_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, gemm_config=None):
     kw = {} if gemm_config is None else {"gemm_config": gemm_config}
     return _kernels().lora_linear_fwd_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
-                                             _seed_int(seed), **kw)
+                                             seed_int(seed), **kw)
 
 
 def triton_bwd(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, need_dx, need_dA, need_dB,
                gemm_config=None):
     kw = {} if gemm_config is None else {"gemm_config": gemm_config}
-    return _kernels().lora_linear_bwd_triton(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, _seed_int(seed),
+    return _kernels().lora_linear_bwd_triton(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed_int(seed),
                                              need_dx, need_dA, need_dB, **kw)
 
 
 def composite_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return _kernels().lora_linear_fwd_composite(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
-                                                _seed_int(seed))
+                                                seed_int(seed))
 
 
 def composite_bwd(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
     return _kernels().lora_linear_bwd_composite(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p,
-                                                _seed_int(seed), need_dx, need_dA, need_dB)
+                                                seed_int(seed), need_dx, need_dA, need_dB)
 
 
-IMPLS: dict[str, tuple[Callable, Callable]] = {
+# backend -> (fwd, bwd). FAMILY's tables are views of this dict: replacing an entry (as tests do) takes effect.
+IMPLS: dict[str, tuple] = {
     "torch": (torch_fwd, torch_bwd),
     "native": (native_fwd, native_bwd),
     "triton": (triton_fwd, triton_bwd),
@@ -237,39 +212,37 @@ IMPLS: dict[str, tuple[Callable, Callable]] = {
 
 
 # ----------------------------------------------------------------------------------------------------
-# backend=None: measured dispatch (lora_kernels/dispatch.py)
+# The family's declaration for measured dispatch (lora_kernels/dispatch.py)
 # ----------------------------------------------------------------------------------------------------
 
-def _kernel_dtypes(x: Tensor, lora_A: Tensor) -> bool:
-    """Whether the kernel backends (all but "torch") take these dtypes."""
-    return x.dtype in _KERNEL_DTYPES and (lora_A.dtype == x.dtype or lora_A.dtype == torch.float32)
+def kernel_dtypes(phase: str, args: tuple) -> bool:
+    """Whether the kernel backends (all but "torch") take these dtypes: x in KERNEL_DTYPES, A in x's or float32.
+    (args: the phase's arguments in this family's order, which the quantized-base family shares up to lora_A.)"""
+    x, lora_A = (args[0], args[3]) if phase == "fwd" else (args[1], args[3])
+    return x.dtype in KERNEL_DTYPES and (lora_A.dtype == x.dtype or lora_A.dtype == torch.float32)
 
 
-def _candidates(phase: int, device: torch.device, x: Tensor, lora_A: Tensor, dropout: bool):
-    """(candidates, reference name, default name) for this call's device and dtypes."""
-    if not _kernel_dtypes(x, lora_A):
-        c = dispatch.Candidate("torch", IMPLS["torch"][phase])
-        return [c], "torch", "torch"
-    names = []
-    if device.type == "cuda":
-        names = ["composite"] if HAS_TRITON else ["torch"]
-        if NATIVE_CUDA:
-            names.append("native")
+def _key_fields(phase: str, args: tuple) -> dict:
+    if phase == "fwd":
+        x, weight, bias, lora_A = args[:4]
+        seed = args[7]
     else:
-        names = ["torch"] + (["native"] if NATIVE is not None else [])
-        if HAS_TRITON and TRITON_INTERPRETED and dispatch.tuning_enabled(device):
-            names += ["composite", "triton"]  # interpreted: to exercise the machinery in tests, never the default
-    # Native CUDA kernels split K with atomics whatever torch's deterministic flag says.
-    cands = [dispatch.Candidate(n, IMPLS[n][phase], deterministic=not (n == "native" and device.type == "cuda"))
-             for n in names]
-    if device.type == "cuda" and HAS_TRITON:
-        M = x.shape[0]
-        for cfg in _kernels().gemm_configs(M, x.element_size(), dropout and phase == 1) \
-                if hasattr(_kernels(), "gemm_configs") else [None]:
-            fn = IMPLS["triton"][phase] if cfg is None else functools.partial(IMPLS["triton"][phase], gemm_config=cfg)
-            cands.append(dispatch.Candidate("triton" if cfg is None else "triton" + _cfg_name(cfg), fn))
-    ref = "composite" if device.type == "cuda" and HAS_TRITON else "torch"
-    return cands, ref, default_backend(device.type)
+        x, weight, lora_A = args[1], args[2], args[3]
+        bias, seed = None, args[8]
+    fields = dict(x=str(x.dtype)[6:], a=str(lora_A.dtype)[6:], m=dispatch.bucket(x.shape[0]), k=weight.shape[1],
+                  n=weight.shape[0], r=lora_A.shape[0], drop=int(seed is not None), bias=int(bias is not None))
+    if phase == "bwd":
+        fields["need"] = need_bits(args)
+    return fields
+
+
+def need_bits(bwd_args: tuple) -> str:
+    """The backward's (need_dx, need_dA, need_dB) flags, its last three arguments, as a key field ("101")."""
+    return "".join("1" if n else "0" for n in bwd_args[-3:])
+
+
+# Which outputs of each phase measured dispatch verifies: (y, S) forward, every gradient backward.
+OUTPUTS = {"fwd": lambda out: (out[0], out[1]), "bwd": lambda out: tuple(out)}
 
 
 def _cfg_name(cfg) -> str:
@@ -277,53 +250,33 @@ def _cfg_name(cfg) -> str:
     return f"[{bm}x{bn}x{bk} g{gm} w{w} s{s}]"
 
 
-_FWD_OUT = lambda out: (out[0], out[1])  # noqa: E731
-_BWD_OUT = lambda out: tuple(out)  # noqa: E731
+def _gemm_variants(phase: str, args: tuple) -> list:
+    """On CUDA the "triton" candidate is one per GEMM tile config the kernels ship for this M."""
+    x = args[0] if phase == "fwd" else args[1]
+    dropout = (args[7] if phase == "fwd" else args[8]) is not None
+    i = 0 if phase == "fwd" else 1
+    return [dispatch.Candidate("triton" + _cfg_name(cfg), functools.partial(IMPLS["triton"][i], gemm_config=cfg))
+            for cfg in _kernels().gemm_configs(x.shape[0], x.element_size(), dropout and phase == "bwd")]
 
 
-def _dispatched(phase: int, args: tuple, x: Tensor, weight: Tensor, bias, lora_A: Tensor, dropout: bool,
-                need: tuple = ()) -> Callable:
-    """The implementation backend=None runs for this call (phase 0 = fwd, 1 = bwd)."""
-    dev_type = "cuda" if x.is_cuda else "cpu" if x.is_cpu else x.device.type  # x.device costs ~0.5 µs
-    if dispatch.is_static(dev_type):  # nothing measured and no tuning here: the fixed default
-        name = default_backend(dev_type)
-        return IMPLS[name if _kernel_dtypes(x, lora_A) else "torch"][phase]
-    device = x.device
-    cands, ref, default = _candidates(phase, device, x, lora_A, dropout)
-    if len(cands) == 1:
-        return cands[0].fn
-    fields = dict(x=str(x.dtype)[6:], a=str(lora_A.dtype)[6:], m=dispatch.bucket(x.shape[0]), k=weight.shape[1],
-                  n=weight.shape[0], r=lora_A.shape[0], drop=int(dropout), bias=int(bias is not None))
-    if phase == 1:
-        fields["need"] = "".join("1" if n else "0" for n in need)
-    c = dispatch.choose("lora_linear", ("fwd", "bwd")[phase], fields, device, cands, ref, default, args,
-                        _FWD_OUT if phase == 0 else _BWD_OUT, x.dtype)
-    return c.fn
-
-
-def _run(phase: int, backend, args: tuple, x: Tensor, weight: Tensor, bias, lora_A: Tensor, dropout: bool,
-         need: tuple = ()):
-    if _any_autocast() and torch.is_autocast_enabled(x.device.type):
-        dev = x.device.type
-        # The implementations pick their own dtypes: autocast must not recast their inner ops (a registered
-        # op is opaque to autocast; the eager path has to say so).
-        with torch.autocast(dev, enabled=False):
-            return _run(phase, backend, args, x, weight, bias, lora_A, dropout, need)
-    if backend is None or backend == "auto":
-        fn = _dispatched(phase, args, x, weight, bias, lora_A, dropout, need)
-    else:
-        fn = IMPLS[backend][phase]
-    return fn(*args)
+FAMILY = dispatch.OpFamily(
+    name="lora_linear",
+    impls={"fwd": plumbing.PhaseTable(IMPLS, 0), "bwd": plumbing.PhaseTable(IMPLS, 1)},
+    x_arg={"fwd": 0, "bwd": 1},
+    kernel_dtypes=kernel_dtypes,
+    key_fields=_key_fields,
+    outputs=OUTPUTS,
+    variants=_gemm_variants,
+)
 
 
 def _run_fwd(backend, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    return _run(0, backend, (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed), x, weight, bias, lora_A,
-                seed is not None)
+    return plumbing.run(FAMILY, "fwd", backend, (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed))
 
 
 def _run_bwd(backend, dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
-    return _run(1, backend, (dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, need_dx, need_dA, need_dB),
-                x, weight, None, lora_A, seed is not None, (need_dx, need_dA, need_dB))
+    return plumbing.run(FAMILY, "bwd", backend, (dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed,
+                                                 need_dx, need_dA, need_dB))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -342,12 +295,7 @@ def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: T
 @lora_linear_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
     M = x.shape[0]
-    s_dtype = torch.float64 if torch.float64 in (x.dtype, lora_A.dtype) else torch.float32
-    return x.new_empty(M, weight.shape[0]), x.new_empty(M, lora_A.shape[0], dtype=s_dtype)
-
-
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty(0)
+    return x.new_empty(M, weight.shape[0]), x.new_empty(M, lora_A.shape[0], dtype=plumbing.s_dtype(x, lora_A))
 
 
 @torch.library.custom_op("lora_kernels::lora_linear_bwd", mutates_args=())
@@ -357,58 +305,23 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
     """(dx, dA, dB); a gradient that is not needed comes back as an empty tensor."""
     dx, dA, dB = _run_bwd(backend, dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed,
                           need_dx, need_dA, need_dB)
-    # Outputs must not alias inputs (custom_op's rule): a pass-through tensor would be x itself.
-    return (dx if dx is not None else _empty(x), dA if dA is not None else _empty(lora_A),
-            dB if dB is not None else _empty(lora_B))
+    empty = plumbing.empty_if_none
+    return empty(dx, x), empty(dA, lora_A), empty(dB, lora_B)
+
+
+def fake_grads(x: Tensor, lora_A: Tensor, lora_B: Tensor, need_dx: bool, need_dA: bool, need_dB: bool) -> tuple:
+    """A LoRA-convention bwd op's fake outputs: (dx, dA, dB) like x, A, B; empty where not needed."""
+    return (torch.empty_like(x) if need_dx else x.new_empty(0),
+            torch.empty_like(lora_A) if need_dA else lora_A.new_empty(0),
+            torch.empty_like(lora_B) if need_dB else lora_B.new_empty(0))
 
 
 @lora_linear_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, need_dx, need_dA, need_dB, backend):
-    return (torch.empty_like(x) if need_dx else _empty(x),
-            torch.empty_like(lora_A) if need_dA else _empty(lora_A),
-            torch.empty_like(lora_B) if need_dB else _empty(lora_B))
+    return fake_grads(x, lora_A, lora_B, need_dx, need_dA, need_dB)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
-    ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
-
-
-def _registered_backward(ctx, dy, _dS):
-    x, weight, lora_A, lora_B, S, seed = ctx.saved_tensors
-    need_dx, _, _, need_dA, need_dB = ctx.needs_input_grad[:5]
-    if not (need_dx or need_dA or need_dB):
-        return (None,) * 9
-    dx, dA, dB = lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, seed,
-                                 need_dx, need_dA, need_dB, ctx.backend)
-    return (dx if need_dx else None, None, None, dA if need_dA else None, dB if need_dB else None,
-            None, None, None, None)
-
-
-lora_linear_fwd.register_autograd(_registered_backward, setup_context=_setup_context)
-
-
-class _LoRALinearFunction(torch.autograd.Function):
-    """The eager path with autograd: the same implementations, no custom_op dispatch (see the module doc).
-    The non-tensor arguments travel as one tuple: every argument of apply() costs time."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, opts):
-        scaling, dropout_p, seed, backend = opts
-        y, S = _run_fwd(backend, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, S, seed)
-        ctx.opts = (scaling, dropout_p, backend)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, lora_A, lora_B, S, seed = ctx.saved_tensors
-        need_dx, _, _, need_dA, need_dB, _ = ctx.needs_input_grad
-        scaling, dropout_p, backend = ctx.opts
-        dx, dA, dB = _run_bwd(backend, dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed,
-                              need_dx, need_dA, need_dB)
-        return dx, None, None, dA, dB, None
+plumbing.register_lora_autograd(lora_linear_fwd, lora_linear_bwd)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -423,7 +336,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     Args:
         x: [..., in] activations (any leading dims, any strides).
         weight: [out, in] frozen base weight W0, same dtype as x. It must not require grad while autograd is
-            on: this op computes no gradient for it (freeze it, as PEFT does).
+            on: this op computes no gradient for it (freeze it, as PEFT does). Or a quantized W0, a
+            `lora_kernels.quant.QuantWeight` (`quant.from_bnb(layer)`): the call is `qlora_linear`'s.
         bias: [out] or None; frozen like `weight`.
         lora_A: [r, in]; lora_B: [out, r]. Same dtype: x's, or float32 (PEFT's default for adapters).
         scaling: lora_alpha / r (or / sqrt(r) for rsLoRA), read at every call.
@@ -434,20 +348,19 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
 
     Returns y: [..., out] in x's dtype. Gradients flow to x, lora_A and lora_B, each in its own dtype.
     """
+    if type(weight) is QuantWeight:  # the one check the dense path pays (~20 ns, measured)
+        from lora_kernels.ops.qlora import qlora_linear
+        return qlora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend)
     check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend)
-    grad = torch.is_grad_enabled()
-    if grad and (weight.requires_grad or (bias is not None and bias.requires_grad)):
-        which = "weight" if weight.requires_grad else "bias"
-        raise ValueError(f"{which} requires grad, but lora_linear keeps the base layer frozen and computes no "
-                         f"gradient for it: call {which}.requires_grad_(False) (as PEFT does), or run under "
-                         "torch.no_grad()")
+    if torch.is_grad_enabled():
+        plumbing.check_frozen_base("lora_linear", weight, bias)
     seed = new_seed() if (training and dropout_p > 0.0) else None
     scaling, dropout_p = float(scaling), float(dropout_p)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if torch.compiler.is_compiling() or _profiler_enabled():
+    if plumbing.traced():
         y = lora_linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend or "auto")[0]
-    elif grad and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad):
-        y = _LoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, (scaling, dropout_p, seed, backend))
+    elif torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad):
+        y = plumbing.eager_grad(FAMILY, backend, x2, weight, bias, lora_A, lora_B, (scaling, dropout_p, seed))
     else:
         y = _run_fwd(backend, x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
     return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])

@@ -34,6 +34,12 @@ arguments minus `backend`:
         (training, CPU only: the CUDA kernels raise; a gradient not needed is an empty tensor / list. Per-slot
         dropout p_l = dropout[l], active iff seed is given, the mask regenerated per gathered row; math and
         conventions of the "bwd" in lora_kernels/ops/multi_lora.py)
+    native_quant4_dequantize(codes, absmax [n_blocks] float32, table [16] float32, N, K) -> W0 [N, K] float32:
+        a 4-bit (NF4 / FP4) weight packed two codes a byte over the flattened [N, K] weight, 64-element blocks
+        (they cross rows when K % 64 != 0); absmax already un-nested (lora_kernels/quant.py)
+    native_quant4_linear(x [M, K] float32, codes, absmax, table, bias [N]?, N) -> x deq(W0)ᵀ + b [M, N] float32:
+        dequantized on the fly for small M (the dense weight is never written), dequantize + GEMM above
+        (CPU only: the CUDA registrations raise; lora_kernels/ops/qlora.py runs them)
 
 The CPU dropout ops generate the mask 8 Philox counters at a time with AVX2 when the CPU has it, chosen at run
 time (`lora_kernels._C.CPU_DROPOUT_ISA` says "avx2" or "scalar"; LORA_KERNELS_CPU_ISA=scalar forces the portable
@@ -50,7 +56,8 @@ from lora_kernels.backends import NATIVE
 # Ops this module expects the extension to define (the CUDA build check verifies each has a CUDA kernel).
 NATIVE_OPS = ("native_lora_linear_fwd", "native_lora_linear_bwd", "native_dropout", "native_dropout_add_",
               "native_dropout_mask", "native_lora_shrink", "native_lora_expand", "native_multi_lora_linear",
-              "native_multi_lora_linear_fwd", "native_multi_lora_linear_bwd")
+              "native_multi_lora_linear_fwd", "native_multi_lora_linear_bwd", "native_quant4_dequantize",
+              "native_quant4_linear")
 
 
 def _lora_dtype(x: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype:
@@ -116,6 +123,14 @@ def _register() -> None:
         return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
                 [a.new_empty(a.shape) for a in A_stacks] if need_dA else [],
                 [b.new_empty(b.shape) for b in B_stacks] if need_dB else [])
+
+    @torch.library.register_fake(lib + "native_quant4_dequantize")
+    def _(codes, absmax, table, N, K):
+        return codes.new_empty(N, K, dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "native_quant4_linear")
+    def _(x, codes, absmax, table, bias, N):
+        return x.new_empty(x.shape[0], N, dtype=torch.float32)
 
     # Autograd: the native forward is usable on its own (the Python op lora_linear_fwd has its own formula).
     def fwd_setup_context(ctx, inputs, output):

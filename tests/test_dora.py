@@ -1,0 +1,413 @@
+"""DoRA: `lk.dora_linear` against the float64 reference and PEFT's own DoRA layer (fp32), the expanded row norm
+against the direct one, the per-layer norm cache, torch.compile, and argument errors."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lora_kernels as lk
+from conftest import assert_close_to_ref, require_backend
+from lora_kernels import reference
+from lora_kernels.dropout import dropout_mask, new_seed
+from lora_kernels.ops import dora
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RANKS = [1, 3, 16, 64]
+IN, OUT, M = 37, 29, 7  # odd on purpose
+
+
+def tensors(r, *, seed=0, dtype=torch.float32, bias=False, lora_bias=False, m_rows=M):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    W = rnd(OUT, IN)
+    t = dict(x=rnd(m_rows, IN), weight=W, bias=rnd(OUT) if bias else None, lora_A=rnd(r, IN) / IN ** 0.5,
+             lora_B=rnd(OUT, r) / r ** 0.5, lora_bias=rnd(OUT) if lora_bias else None)
+    t["magnitude"] = torch.linalg.vector_norm(W, dim=1) * (1 + 0.3 * rnd(OUT))  # g far from 1
+    return {k: None if v is None else v.to(dtype) for k, v in t.items()}
+
+
+def grads_of(out, inputs, dy):
+    live = [t for t in inputs if t is not None]
+    return dict(zip([i for i, t in enumerate(inputs) if t is not None], torch.autograd.grad(out, live, dy)))
+
+
+NAMES = ["x", "lora_A", "lora_B", "magnitude", "lora_bias"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The row norm
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lora_bias", [False, True], ids=["no_lora_bias", "lora_bias"])
+@pytest.mark.parametrize("r", RANKS, ids=lambda r: f"r{r}")
+def test_expanded_norm_matches_direct_norm(r, lora_bias):
+    t = tensors(r, lora_bias=lora_bias)
+    want = reference.dora_weight_norm(*(t[k].double() for k in ("weight", "lora_A", "lora_B")), 1.7,
+                                      None if t["lora_bias"] is None else t["lora_bias"].double())
+    got = dora.dora_weight_norm(t["weight"], t["lora_A"], t["lora_B"], 1.7, t["lora_bias"])
+    assert got.dtype == torch.float32
+    assert_close_to_ref(got, want, torch.float32, "n")
+    # With ‖W0_j‖² passed in (the cached path), the same result.
+    w2 = dora.weight_sq(t["weight"], t["lora_A"])
+    torch.testing.assert_close(dora.dora_weight_norm(t["weight"], t["lora_A"], t["lora_B"], 1.7, t["lora_bias"],
+                                                     w2), got)
+
+
+def test_near_cancellation_row_falls_back_to_the_direct_norm(monkeypatch):
+    """Row 3 of W0 is −s·(B A)_3 plus a 1e-4 perturbation: ‖W0_3 + s(B A)_3‖ is ~1e-4 of either term, so the
+    expanded form (a difference of O(1) numbers in float32) loses every digit; the fallback must not."""
+    t = tensors(8)
+    s = 2.0
+    W = t["weight"].double()
+    A, B = t["lora_A"].double(), t["lora_B"].double()
+    W[3] = -s * (B[3] @ A) + 1e-4 * torch.randn(IN, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    W32 = W.float()
+    want = reference.dora_weight_norm(W32.double(), t["lora_A"].double(), t["lora_B"].double(), s)
+    got = dora.dora_weight_norm(W32, t["lora_A"], t["lora_B"], s)
+    rel = ((got.double() - want).abs() / want).max().item()
+    assert rel < 1e-5, rel
+    monkeypatch.setattr(dora, "CANCEL_EPS", 0.0)  # no fallback: the expanded form alone is far off on row 3
+    bad = dora.dora_weight_norm(W32, t["lora_A"], t["lora_B"], s)
+    assert (bad[3].double() - want[3]).abs() / want[3] > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------
+# The op against the float64 reference: forward and every gradient
+# ----------------------------------------------------------------------------------------------------
+
+CASES = [
+    pytest.param(dict(), id="plain"),
+    pytest.param(dict(bias=True), id="bias"),
+    pytest.param(dict(lora_bias=True), id="lora_bias"),
+    pytest.param(dict(dropout=0.3), id="dropout"),
+    pytest.param(dict(bias=True, lora_bias=True, dropout=0.2), id="dropout+bias+lora_bias"),
+]
+
+
+def run_op_and_reference(t, backend, scaling, dropout=0.0, x=None):
+    """(y, grads) of lk.dora_linear and of the float64 reference, on the same regenerated dropout mask."""
+    x = t["x"] if x is None else x
+    inputs = [x, t["lora_A"], t["lora_B"], t["magnitude"], t["lora_bias"]]
+    inputs = [None if v is None else v.detach().clone().requires_grad_() for v in inputs]
+    torch.manual_seed(11)
+    y = lk.dora_linear(inputs[0], t["weight"], t["bias"], inputs[1], inputs[2], inputs[3], scaling,
+                       dropout_p=dropout, training=True, backend=backend, lora_bias=inputs[4])
+    torch.manual_seed(11)
+    x2 = x.reshape(-1, IN)
+    keep = dropout_mask(new_seed(), tuple(x2.shape), dropout) if dropout else None
+    ref_in = [None if v is None else v.detach().double().requires_grad_() for v in inputs]
+    y_ref = reference.dora_linear_forward(ref_in[0].reshape(-1, IN), t["weight"].double(),
+                                          None if t["bias"] is None else t["bias"].double(), ref_in[1], ref_in[2],
+                                          ref_in[3], scaling, keep, dropout, ref_in[4])
+    dy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y2 = y.reshape(-1, OUT)
+    return y2, grads_of(y2, inputs, dy.to(y.dtype)), y_ref, grads_of(y_ref, ref_in, dy)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("r", RANKS, ids=lambda r: f"r{r}")
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_op_matches_reference(backend, r, case):
+    require_backend(backend, "cpu")
+    case = dict(case)
+    dropout = case.pop("dropout", 0.0)
+    t = tensors(r, **case)
+    y, g, y_ref, g_ref = run_op_and_reference(t, backend, 0.75, dropout)
+    assert_close_to_ref(y, y_ref, torch.float32, "y")
+    assert set(g) == set(g_ref)
+    for i in g_ref:
+        assert_close_to_ref(g[i], g_ref[i], torch.float32, "d" + NAMES[i])
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_leading_dims_non_contiguous_x_and_empty_batch(backend):
+    require_backend(backend, "cpu")
+    t = tensors(3, bias=True)
+    x = torch.randn(IN, 4, 5, dtype=torch.float32).permute(1, 2, 0)  # [4, 5, IN], non-contiguous
+    assert not x.is_contiguous()
+    y, g, y_ref, g_ref = run_op_and_reference(t, backend, 0.5, 0.1, x=x)
+    assert_close_to_ref(y, y_ref, torch.float32, "y")
+    for i in g_ref:
+        assert_close_to_ref(g[i], g_ref[i], torch.float32, "d" + NAMES[i])
+    # M = 0: an empty output, zero gradients for the adapter and the magnitude.
+    xe = torch.empty(2, 0, IN, requires_grad=True)
+    A, m = t["lora_A"].clone().requires_grad_(), t["magnitude"].clone().requires_grad_()
+    ye = lk.dora_linear(xe, t["weight"], t["bias"], A, t["lora_B"], m, 0.5, backend=backend)
+    assert ye.shape == (2, 0, OUT)
+    ye.sum().backward()
+    assert torch.count_nonzero(A.grad) == 0 and torch.count_nonzero(m.grad) == 0
+
+
+def test_registered_ops_opcheck_and_compile_fullgraph():
+    t = tensors(4, bias=True, lora_bias=True)
+    args = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"],
+            dora.dora_weight_norm(t["weight"], t["lora_A"], t["lora_B"], 0.5, t["lora_bias"]), 0.5, 0.0, None,
+            t["magnitude"], t["lora_bias"], "torch")
+    torch.library.opcheck(torch.ops.lora_kernels.dora_linear_fwd.default, args)
+    torch.library.opcheck(torch.ops.lora_kernels.dora_weight_norm.default,
+                          (t["weight"], t["lora_A"], t["lora_B"], 0.5, t["lora_bias"], None))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Against PEFT's DoRA layer (fp32), through patch_peft
+# ----------------------------------------------------------------------------------------------------
+
+peft = pytest.importorskip("peft", reason="the PEFT comparisons need peft")
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from test_peft_patch import RegeneratedDropout  # noqa: E402  (the mask the fused op regenerates)
+
+
+class Net(nn.Module):
+    def __init__(self, bias: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(IN, OUT, bias=bias)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def peft_pair(r=4, bias=True, dropout=0.0, backend="torch", **kw):
+    """(patched, reference) PEFT models of one DoRA nn.Linear, B and m perturbed so every term counts."""
+    cfg = LoraConfig(target_modules=["lin"], r=r, lora_alpha=2 * r, lora_dropout=dropout, init_lora_weights=False,
+                     **dict(dict(use_dora=True), **kw))
+    ref = get_peft_model(Net(bias), cfg)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+            if "lora_B" in n and n.endswith("bias"):
+                p.copy_(torch.linspace(-0.5, 0.5, p.numel()))
+    model = copy.deepcopy(ref)
+    report = lk.patch_peft(model, backend=backend)
+    assert report.num_patched == 1, report
+    if dropout:
+        ref.base_model.model.lin.lora_dropout["default"] = RegeneratedDropout(dropout)
+    return model, ref
+
+
+def fwd_bwd(model, x, seed=5, params=None):
+    params = model if params is None else params
+    params.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    torch.manual_seed(seed)
+    y = model(x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+    grads = {n: p.grad.clone() for n, p in params.named_parameters() if p.requires_grad}
+    return y.detach(), x.grad, grads
+
+
+def assert_matches_peft(model, ref, x, rtol=1e-4, atol=1e-5):
+    y, dx, grads = fwd_bwd(model, x)
+    y_ref, dx_ref, grads_ref = fwd_bwd(ref, x)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(dx, dx_ref, rtol=rtol, atol=atol)
+    assert set(grads) == set(grads_ref) and any("magnitude" in n or "bias" in n for n in grads)
+    for n, g in grads_ref.items():
+        assert torch.count_nonzero(g) > 0, f"{n}: zero reference gradient, the comparison could not fail"
+        torch.testing.assert_close(grads[n], g, rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["no_dropout", "dropout"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+@pytest.mark.parametrize("r", [1, 3, 16], ids=lambda r: f"r{r}")
+def test_patched_dora_matches_peft(r, rslora, bias, dropout):
+    model, ref = peft_pair(r, bias, dropout, use_rslora=rslora)
+    model.train(), ref.train()
+    x = torch.randn(3, 5, IN)
+    assert_matches_peft(model, ref, x)
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_patched_dora_matches_peft_on_kernel_backends(backend):
+    require_backend(backend, "cpu")
+    model, ref = peft_pair(16, True, 0.1, backend=backend)
+    model.train(), ref.train()
+    assert_matches_peft(model, ref, torch.randn(9, IN))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["no_dropout", "dropout"])
+def test_patched_lora_bias_matches_peft(dropout):
+    model, ref = peft_pair(8, True, dropout, use_dora=False, lora_bias=True)
+    model.train(), ref.train()
+    assert_matches_peft(model, ref, torch.randn(2, 6, IN))
+
+
+def dora_cache(model):
+    return model.base_model.model.lin.__dict__[lk.peft_patch._DORA_CACHE_ATTR]
+
+
+def test_norm_cache_is_reused_and_invalidated_by_an_optimizer_step():
+    model, ref = peft_pair(4, True)
+    model.eval(), ref.eval()
+    x = torch.randn(4, IN)
+    with torch.no_grad():
+        model(x)
+        n = dora_cache(model)["default"][1]
+        model(x)
+        assert dora_cache(model)["default"][1] is n  # nothing changed: the cached norm is reused
+    for m in (model, ref):  # one training step on A, B and m
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
+        m.train()
+        m(x).square().sum().backward()
+        opt.step()
+        m.eval()
+    with torch.no_grad():
+        y = model(x)
+        assert dora_cache(model)["default"][1] is not n
+        torch.testing.assert_close(y, ref(x), rtol=1e-4, atol=1e-5)
+        # An in-place write to W0 under no_grad (version counter) invalidates it too.
+        for m in (model, ref):
+            m.base_model.model.lin.base_layer.weight.mul_(1.5)
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_merge_and_unmerge_match_peft_and_clear_the_cache():
+    model, ref = peft_pair(4, True)
+    model.eval(), ref.eval()
+    x = torch.randn(4, IN)
+    with torch.no_grad():
+        want = ref(x)
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-5)
+        model.base_model.model.lin.merge(), ref.base_model.model.lin.merge()
+        assert lk.peft_patch._DORA_CACHE_ATTR not in model.base_model.model.lin.__dict__
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
+        model.base_model.model.lin.unmerge(), ref.base_model.model.lin.unmerge()
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model.base_model.model.lin.base_layer.weight,
+                                   ref.base_model.model.lin.base_layer.weight)
+
+
+def test_compile_fullgraph_patched_dora_layer_in_training():
+    model, ref = peft_pair(4, True, 0.1)
+    model.train(), ref.train()
+    layer = model.base_model.model.lin
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(6, IN)
+    y, dx, grads = fwd_bwd(compiled, x, params=layer)
+    y_ref, dx_ref, grads_ref = fwd_bwd(ref.base_model.model.lin, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5)
+    assert set(grads) == set(grads_ref) and any("magnitude" in n for n in grads)
+    for n, g in grads_ref.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors before any kernel
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad, err, match", [
+    pytest.param(dict(magnitude=torch.ones(OUT + 1)), ValueError, r"magnitude must have shape \[out=29\]",
+                 id="magnitude_shape"),
+    pytest.param(dict(magnitude=[1.0] * OUT), TypeError, "magnitude must be a torch.Tensor", id="magnitude_type"),
+    pytest.param(dict(magnitude=torch.ones(OUT, dtype=torch.int64)), TypeError, "floating-point",
+                 id="magnitude_int"),
+    pytest.param(dict(lora_bias=torch.ones(3)), ValueError, r"lora_bias must have shape", id="lora_bias_shape"),
+    pytest.param(dict(weight_norm=torch.ones(2, OUT)), ValueError, r"weight_norm must have shape",
+                 id="weight_norm_shape"),
+    pytest.param(dict(lora_B=torch.ones(OUT, 5)), ValueError, r"lora_B must have shape", id="lora_B_shape"),
+    pytest.param(dict(dropout_p=1.0), ValueError, "dropout_p", id="dropout_p"),
+])
+def test_bad_inputs_raise_before_any_kernel(bad, err, match, monkeypatch):
+    def poisoned(*a, **k):
+        raise AssertionError("a kernel ran before the arguments were checked")
+    monkeypatch.setitem(dora.IMPLS, "torch", (poisoned, poisoned))
+    t = tensors(3)
+    kw = dict(x=t["x"], weight=t["weight"], bias=None, lora_A=t["lora_A"], lora_B=t["lora_B"],
+              magnitude=t["magnitude"], scaling=0.5, backend="torch")
+    kw.update(bad)
+    with pytest.raises(err, match=match):
+        lk.dora_linear(**kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# QDoRA: DoRA over a 4-bit base (issue 20 item 5). in % 64 == 0: bitsandbytes' CPU dequantize is wrong for
+# some other shapes (see ops/qlora.py `_bnb_ok`).
+# ----------------------------------------------------------------------------------------------------
+
+def _qdora_tensors(nested=True, seed=0):
+    bnb = pytest.importorskip("bitsandbytes", reason="QDoRA tests need bitsandbytes: pip install 'lora_kernels[qlora]'")
+    from lora_kernels import quant
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(96, 128, generator=g) / 128 ** 0.5
+    layer = bnb.nn.Linear4bit(128, 96, bias=False, compute_dtype=torch.float32, quant_type="nf4",
+                              compress_statistics=nested)
+    layer.weight = bnb.nn.Params4bit(W.clone(), requires_grad=False, quant_type="nf4", compress_statistics=nested)
+    qw = quant.from_bnb(layer.to("cpu"))  # bitsandbytes quantizes on the move
+    Wd = qw.dequantize(torch.float32)
+    t = dict(x=torch.randn(5, 128, generator=g), lora_A=torch.randn(8, 128, generator=g) / 128 ** 0.5,
+             lora_B=torch.randn(96, 8, generator=g) / 8 ** 0.5,
+             magnitude=torch.linalg.vector_norm(Wd, dim=1) * (1 + 0.3 * torch.randn(96, generator=g)))
+    return qw, Wd, torch.randn(96, generator=g), t
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["nested", "plain_absmax"])
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["nodrop", "drop"])
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_qdora_matches_dense_dora_on_the_dequantized_base(backend, dropout, nested):
+    """dora_linear over a QuantWeight = dora_linear over deq(W0), forward and every gradient (tight): the same
+    math, qlora's base + LoRA product in place of the dense one."""
+    if backend == "native" and not hasattr(torch.ops.lora_kernels, "native_quant4_linear"):
+        pytest.skip("the C++ extension is not built: pip install -e . builds it")
+    qw, Wd, bias, t = _qdora_tensors(nested)
+    ins = [t[k].clone().requires_grad_() for k in ("x", "lora_A", "lora_B", "magnitude")]
+    dense = [t[k].clone().requires_grad_() for k in ("x", "lora_A", "lora_B", "magnitude")]
+    torch.manual_seed(3)
+    y = lk.dora_linear(ins[0], qw, bias, ins[1], ins[2], ins[3], 1.5, dropout, training=True, backend=backend)
+    torch.manual_seed(3)
+    y_ref = lk.dora_linear(dense[0], Wd, bias, dense[1], dense[2], dense[3], 1.5, dropout, training=True,
+                           backend="torch")
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    for n, a, b in zip(NAMES, torch.autograd.grad(y, ins, dy), torch.autograd.grad(y_ref, dense, dy)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
+    norm = dora.qdora_weight_norm(qw, t["lora_A"], t["lora_B"], 1.5, None, dora.qdora_weight_sq(qw, t["lora_A"]))
+    torch.testing.assert_close(norm, dora.dora_weight_norm(Wd, t["lora_A"], t["lora_B"], 1.5), rtol=1e-5, atol=0)
+
+
+def test_patch_peft_qdora_matches_peft_dora_over_linear4bit():
+    """patch_peft fuses DoRA over bitsandbytes' Linear4bit (no fallback) and matches PEFT's own QDoRA layer,
+    forward and every gradient incl. the magnitude, within bitsandbytes' tolerance (its CPU base matmul may run
+    in bfloat16); the cached norm follows an optimizer step."""
+    pytest.importorskip("bitsandbytes", reason="QDoRA tests need bitsandbytes: pip install 'lora_kernels[qlora]'")
+    from peft import LoraConfig, get_peft_model
+    from test_qlora import Quantizable, quantize_model, rel_rms, run
+    torch.manual_seed(0)
+    ref = get_peft_model(quantize_model(Quantizable(), "4bit"), LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q", "v", "o"], init_lora_weights=False, use_dora=True))
+    model = copy.deepcopy(ref)
+    report = lk.patch_peft(model)
+    assert report.num_patched == 3 and not report.skipped, report
+    assert "FusedLinear4bit" in {type(m).__name__ for m in model.modules()}
+    model.train(), ref.train()
+    x = torch.randn(2, 7, 128)
+    for step in range(2):
+        y, grads = run(model, x)
+        fused = [m_ for m_ in model.modules() if type(m_).__name__ == "FusedLinear4bit"]
+        assert all(m_.__dict__.get("_lora_kernels_dora") for m_ in fused)  # the fused QDoRA ran (its norm cache)
+        y_ref, grads_ref = run(ref, x)
+        assert rel_rms(y, y_ref) < 5e-3
+        assert grads.keys() == grads_ref.keys() and sum("magnitude" in n for n in grads) == 3 and len(grads) == 9
+        for n in grads:
+            assert rel_rms(grads[n], grads_ref[n]) < 1e-2, n
+        with torch.no_grad():  # an optimizer step: the cached norms must follow
+            for m_ in (model, ref):
+                for n, p in m_.named_parameters():
+                    if p.requires_grad:
+                        p.sub_(0.1 * p.grad)
+    model.eval(), ref.eval()  # eval: the cached norm (after the steps above) against PEFT's recomputed one
+    with torch.no_grad():
+        y, y_ref = model(x), ref(x)
+        assert rel_rms(y, y_ref) < 5e-3
+        assert rel_rms(model(x), y_ref) < 5e-3  # a cache hit
