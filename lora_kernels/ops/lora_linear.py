@@ -33,6 +33,15 @@ from lora_kernels.ops.plumbing import shape_str as _shape
 from lora_kernels.quant import QuantWeight
 
 
+def check_adapter_shapes(lora_A: Tensor, lora_B: Tensor, in_f: int, out_f: int) -> None:
+    """lora_A [r, in] with r >= 1 and lora_B [out, r], for a base layer of in_f -> out_f (every base format)."""
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_f or lora_A.shape[0] < 1:
+        raise ValueError(f"lora_A must have shape [r, in={in_f}] with r >= 1, got {_shape(lora_A)}")
+    r = lora_A.shape[0]
+    if lora_B.dim() != 2 or lora_B.shape[0] != out_f or lora_B.shape[1] != r:
+        raise ValueError(f"lora_B must have shape [out={out_f}, r={r}], got {_shape(lora_B)}")
+
+
 def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend) -> None:
     """Raise a clear error for inputs no backend can run, before any kernel launches.
 
@@ -50,11 +59,7 @@ def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, 
     out_f, in_f = weight.shape
     if x.shape[-1] != in_f:
         raise ValueError(f"x must have shape [..., in={in_f}] to match weight {_shape(weight)}, got {_shape(x)}")
-    if lora_A.dim() != 2 or lora_A.shape[1] != in_f or lora_A.shape[0] < 1:
-        raise ValueError(f"lora_A must have shape [r, in={in_f}] with r >= 1, got {_shape(lora_A)}")
-    r = lora_A.shape[0]
-    if lora_B.dim() != 2 or lora_B.shape[0] != out_f or lora_B.shape[1] != r:
-        raise ValueError(f"lora_B must have shape [out={out_f}, r={r}], got {_shape(lora_B)}")
+    check_adapter_shapes(lora_A, lora_B, in_f, out_f)
     dev = x.device
     if bias is not None:
         if not isinstance(bias, Tensor) or bias.dim() != 1 or bias.shape[0] != out_f:

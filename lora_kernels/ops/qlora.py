@@ -72,11 +72,7 @@ def check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p
     if x.dim() < 1 or x.shape[-1] != in_f:
         raise ValueError(f"x must have shape [..., in={in_f}] to match qweight of shape {qweight.fmt.shape}, "
                          f"got {_shape(x)}")
-    if lora_A.dim() != 2 or lora_A.shape[1] != in_f or lora_A.shape[0] < 1:
-        raise ValueError(f"lora_A must have shape [r, in={in_f}] with r >= 1, got {_shape(lora_A)}")
-    r = lora_A.shape[0]
-    if lora_B.dim() != 2 or lora_B.shape[0] != out_f or lora_B.shape[1] != r:
-        raise ValueError(f"lora_B must have shape [out={out_f}, r={r}], got {_shape(lora_B)}")
+    _lora.check_adapter_shapes(lora_A, lora_B, in_f, out_f)
     dev = x.device
     if qweight.device != dev or lora_A.device != dev or lora_B.device != dev:
         raise ValueError(f"x, qweight, lora_A and lora_B must be on one device, got x:{dev} "
