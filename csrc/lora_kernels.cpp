@@ -56,7 +56,7 @@ TORCH_LIBRARY(lora_kernels, m) {
         "Tensor(a!) y, Tensor scalings, Tensor? ranks, SymInt y_offset) -> ()");
   m.def("native_multi_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor[] A_stacks, Tensor[] B_stacks, "
         "Tensor scalings, Tensor token_adapter, Tensor sorted_token_ids, Tensor seg_starts, Tensor seg_lens, "
-        "Tensor tile_slot, Tensor tile_start, Tensor tile_end, Tensor? ranks) -> Tensor");
+        "Tensor tile_slot, Tensor tile_start, Tensor tile_end, Tensor? ranks, Tensor? col_scale=None) -> Tensor");
   // Multi-adapter training (CPU only): per-slot dropout [L] active iff seed is given; (y, S) and (dx, [dA_i], [dB_i])
   // with a gradient not needed as an empty tensor / list.
   m.def("native_multi_lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor[] A_stacks, Tensor[] B_stacks, "

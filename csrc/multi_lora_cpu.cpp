@@ -2,7 +2,8 @@
 // implementations. The math:
 //     S[t, i·R + j] = x[t] · A_i[l, j]                                  (j < r_l, l = token_adapter[t] >= 0)
 //     y[t, c_i + n] += scalings[l] · Σ_{j<r_l} S[t, i·R + j] · B_i[l, n, j]     (c_i = y_offset + Σ_{k<i} out_k)
-// with r_l = clamp(ranks[l], 0, R).
+// with r_l = clamp(ranks[l], 0, R). multi_lora_linear with a per-slot column scale col_scale [L + 1, out] (DoRA's
+// g; row L for the -1 tokens): y[t] = col_scale[l_t] ⊙ (x[t] W0ᵀ + the expand's term) + b.
 //
 // The CPU kernels walk the LoRABatch's segments (slot l's tokens are sorted_token_ids[seg_starts[l] ...
 // + seg_lens[l]], read on the host and checked against token_adapter): a segment of kGemmMinRows tokens or more
@@ -142,6 +143,17 @@ void check_multi_linear_args(const Tensor& x, const Tensor& weight, const OptTen
                 ", got ", shape_str(*bias));
   }
   check_scalings(scalings, s.L, x.device(), cuda);
+}
+
+void check_col_scale(const OptTensor& col_scale, const Tensor& x, const Tensor& A0, int64_t L, int64_t out, bool cuda) {
+  if (!col_scale.has_value()) return;
+  const Tensor& g = *col_scale;
+  const auto ct = lora_compute_dtype(x, A0);
+  const bool dtype_ok = g.scalar_type() == at::kFloat || (!cuda && g.scalar_type() == ct);
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == L + 1 && g.size(1) == out && dtype_ok, "col_scale must be None or a ",
+              "tensor of shape [L+1=", L + 1, ", out=", out, "] (row L: the tokens with no adapter) in float32",
+              cuda ? "" : " or the LoRA compute dtype", ", got ", g.scalar_type(), " ", shape_str(g));
+  TORCH_CHECK(g.device() == x.device(), "col_scale is on ", g.device(), ", the inputs on ", x.device());
 }
 
 namespace {
@@ -462,6 +474,41 @@ void expand_segments(const Tensor& S, TensorList B_stacks, const Segments& segs,
   }
 }
 
+// out[t] = col_scale[l_t] ⊙ yc[t] + b (l_t = L for a -1 token) for yc [T, out] contiguous in the compute dtype,
+// computed in that dtype and rounded once into out_dtype (in place when that is yc's dtype): one pass over the
+// rows, col_scale's row read in place (no per-token gather).
+Tensor scale_rows(const Tensor& yc, const Tensor& col_scale, const Tensor& token_adapter, const OptTensor& bias,
+                  at::ScalarType out_dtype) {
+  const int64_t T = yc.size(0), N = yc.size(1), L = col_scale.size(0) - 1;
+  const Tensor g = col_scale.to(yc.scalar_type()).contiguous();
+  const Tensor b = bias.has_value() ? bias->to(yc.scalar_type()).contiguous() : Tensor();
+  const Tensor ta = token_adapter.contiguous();
+  Tensor out = out_dtype == yc.scalar_type() ? yc : at::empty({T, N}, yc.options().dtype(out_dtype));
+  const int32_t* tap = ta.const_data_ptr<int32_t>();
+  AT_DISPATCH_FLOATING_TYPES(yc.scalar_type(), "multi_lora_col_scale", [&] {
+    using acc_t = scalar_t;
+    const acc_t* yp = yc.const_data_ptr<acc_t>();
+    const acc_t* gp = g.const_data_ptr<acc_t>();
+    const acc_t* bp = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "multi_lora_col_scale", [&] {
+      scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, T, std::max<int64_t>(1, 4096 / std::max<int64_t>(N, 1)), [&](int64_t lo, int64_t hi) {
+        for (int64_t t = lo; t < hi; ++t) {
+          const acc_t* gr = gp + (tap[t] >= 0 ? static_cast<int64_t>(tap[t]) : L) * N;
+          const acc_t* yr = yp + t * N;
+          scalar_t* orow = op + t * N;
+          if (bp != nullptr) {
+            for (int64_t c = 0; c < N; ++c) orow[c] = static_cast<scalar_t>(yr[c] * gr[c] + bp[c]);
+          } else {
+            for (int64_t c = 0; c < N; ++c) orow[c] = static_cast<scalar_t>(yr[c] * gr[c]);
+          }
+        }
+      });
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 Tensor lora_shrink_cpu(const Tensor& x, TensorList A_stacks, const Tensor& token_adapter,
@@ -485,13 +532,22 @@ void lora_expand_cpu(const Tensor& S, TensorList B_stacks, const Tensor& token_a
 Tensor multi_lora_linear_cpu(const Tensor& x, const Tensor& weight, const OptTensor& bias, TensorList A_stacks,
                              TensorList B_stacks, const Tensor& scalings, const Tensor& token_adapter,
                              const Tensor& sorted_token_ids, const Tensor& seg_starts, const Tensor& seg_lens,
-                             const Tensor&, const Tensor&, const Tensor&, const OptTensor& ranks) {
+                             const Tensor&, const Tensor&, const Tensor&, const OptTensor& ranks,
+                             const OptTensor& col_scale) {
   check_multi_linear_args(x, weight, bias, A_stacks, B_stacks, scalings, token_adapter, ranks, /*cuda=*/false);
-  Tensor y = at::linear(x, weight, bias);
-  if (!y.is_contiguous()) y = y.contiguous();
-  if (x.size(0) == 0) return y;
   const int64_t L = A_stacks[0].size(0), R = A_stacks[0].size(1), NS = static_cast<int64_t>(A_stacks.size());
+  check_col_scale(col_scale, x, A_stacks[0], L, weight.size(0), /*cuda=*/false);
   const auto ct = lora_compute_dtype(x, A_stacks[0]);
+  // With col_scale: the base without the bias, in x's dtype as without it, then held in the compute dtype so the
+  // LoRA term, the scale and the bias round once into x's dtype (scale_rows, the last pass over the rows).
+  const bool scaled = col_scale.has_value();
+  Tensor y = at::linear(x, weight, scaled ? OptTensor() : bias);
+  if (scaled) y = y.to(ct);
+  if (!y.is_contiguous()) y = y.contiguous();
+  const auto finish = [&](const Tensor& out) {
+    return scaled ? scale_rows(out, *col_scale, token_adapter, bias, x.scalar_type()) : out;
+  };
+  if (x.size(0) == 0) return finish(y);
   const Segments segs = segments_of(token_adapter, sorted_token_ids, seg_starts, seg_lens, ranks, L, R);
   const std::vector<double> scales = scales_of(scalings);
   // Long segments: gather x's rows once, then per slice the two GEMMs, added into y's rows (no S tensor).
@@ -506,13 +562,13 @@ Tensor multi_lora_linear_cpu(const Tensor& x, const Tensor& weight, const OptTen
       col += n;
     }
   }
-  if (segs.per_token.empty()) return y;
+  if (segs.per_token.empty()) return finish(y);
   // Short segments: per token, through an S of the touched rows only.
   Segments rest;
   rest.ids = segs.ids;
   rest.per_token = segs.per_token;
   expand_segments(shrink_segments(x, A_stacks, rest, ct, SlotDropout{}), B_stacks, rest, y, scalings, 0);
-  return y;
+  return finish(y);
 }
 
 // ---- training (ops/multi_lora.py's module docstring has the math) ----

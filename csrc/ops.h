@@ -35,7 +35,8 @@ using at::TensorList;
                                  TensorList A_stacks, TensorList B_stacks, const Tensor& scalings,               \
                                  const Tensor& token_adapter, const Tensor& sorted_token_ids,                    \
                                  const Tensor& seg_starts, const Tensor& seg_lens, const Tensor& tile_slot,      \
-                                 const Tensor& tile_start, const Tensor& tile_end, const OptTensor& ranks);
+                                 const Tensor& tile_start, const Tensor& tile_end, const OptTensor& ranks,        \
+                                 const OptTensor& col_scale);
 
 LK_DECLARE_OPS(cpu)
 
@@ -80,5 +81,9 @@ void check_expand_args(const Tensor& S, TensorList B_stacks, const Tensor& token
 void check_multi_linear_args(const Tensor& x, const Tensor& weight, const OptTensor& bias, TensorList A_stacks,
                              TensorList B_stacks, const Tensor& scalings, const Tensor& token_adapter,
                              const OptTensor& ranks, bool cuda);
+
+// multi_lora_linear's optional per-slot column scale: [L + 1, out] on x's device, float32 (or, on CPU, the LoRA
+// compute dtype of x and the A stacks).
+void check_col_scale(const OptTensor& col_scale, const Tensor& x, const Tensor& A0, int64_t L, int64_t out, bool cuda);
 
 }  // namespace lora_kernels

@@ -4,8 +4,17 @@
 //     W[n, k] = fp32(table[code(n·K + k)] · absmax[(n·K + k) / 64])          (bit-exact with bitsandbytes)
 //
 //   native_quant4_dequantize(codes, absmax, table, N, K) -> W [N, K] float32
-//   native_quant4_linear(x [M, K] float32, codes, absmax, table, bias [N]?, N) -> y = x Wᵀ + b [M, N] float32,
-//       W never materialised: each row of W is decoded into registers and dotted with every row of x.
+//   native_quant4_linear(x [M, K] float32, codes, absmax, table, bias [N]?, N) -> y = x Wᵀ + b [M, N] float32
+//   native_quant4_linear_dx(dy [M, N] float32, codes, absmax, table, K) -> dx = dy W [M, K] float32
+//   native_quant4_absmax(q_absmax uint8 [nb], nested_absmax float32, nested_code float32 [256],
+//                        nested_offset float32 [1], nested_blocksize) -> absmax float32 [nb]
+//       absmax[i] = nested_code[q[i]] · nested_absmax[i / nested_blocksize] + offset (rounded after the product
+//       and after the sum, as the PyTorch reference: bit-exact).
+//
+// The linear ops never write a dense W: up to kGemvMaxM rows of x each row of W is decoded into registers and
+// dotted with every row of x; above, W is dequantized kBlockBytes at a time (whole rows) into a reused scratch
+// block that stays in L2 and the machine's GEMM runs on that block (y[:, rows] = x W[rows]ᵀ, dx += dy[:, rows]
+// W[rows]). A fresh [N, K] buffer per call cost its page faults on top of the writes and reads through DRAM.
 //
 // Both use AVX-512F when the CPU has it (chosen at run time; the build flags stay generic): the 16-entry table
 // sits in one zmm register and a 16-lane permute decodes 16 codes at once; the per-block scale is one multiply,
@@ -13,13 +22,20 @@
 // columns (high and low nibbles), so no interleave is needed in the inner loop. Everything else (K % 64 != 0,
 // no AVX-512) takes a portable loop with the same values.
 #include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
+// The AVX-512 paths need x86 and GCC / clang (target attributes, __builtin_cpu_supports); anything else (aarch64,
+// MSVC) compiles the portable loops only, with the same values. -DLK_QUANT_PORTABLE builds that on x86 too (how
+// the portable structure is compile-checked here).
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(LK_QUANT_PORTABLE)
 #include <immintrin.h>
 #define LK_QUANT_X86 1
 #endif
@@ -75,7 +91,7 @@ __attribute__((target("avx512f"))) inline void decode16x2(const uint8_t* p, __m5
   *lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)), lut), scale);
 }
 
-// out[64·b0 .. 64·b1) for full blocks b0..b1. `stream`: non-temporal stores (out 64-byte aligned), for an output
+// Full blocks b0..b1 into out[0 .. 64·(b1 - b0)). `stream`: non-temporal stores (out 64-byte aligned), for an output
 // larger than the caches: no read-for-ownership of lines that are only written (measured, 4864 x 896, 1 thread:
 // 2.6 -> 1.8 ms min, now below bitsandbytes' own 2.0 in the same run).
 template <bool kStream>
@@ -90,7 +106,7 @@ __attribute__((target("avx512f"))) void dequant_blocks_avx512(const uint8_t* cod
     for (int h = 0; h < 2; ++h) {
       __m512 hi, lo;
       decode16x2(codes + b * 32 + h * 16, lut, s, &hi, &lo);
-      float* o = out + b * 64 + h * 32;
+      float* o = out + (b - b0) * 64 + h * 32;
       if (kStream) {
         _mm512_stream_ps(o, _mm512_permutex2var_ps(hi, even, lo));
         _mm512_stream_ps(o + 16, _mm512_permutex2var_ps(hi, odd, lo));
@@ -139,6 +155,38 @@ __attribute__((target("avx512f"))) void gemv_rows_avx512(const float* xe, const 
 
 constexpr int64_t kStreamMinBytes = 4 << 20;
 
+// Flat values [i0, i1) into out[0 .. i1 - i0), on the calling thread: a partial 64-block at either end scalar,
+// the full blocks between vectorised (a row block starts mid-block when K % 64 != 0).
+void dequant_span(const uint8_t* codes, const float* absmax, const float* table, float* out, int64_t i0, int64_t i1) {
+  const int64_t head = std::min(i1, (i0 + 63) / 64 * 64), b0 = head / 64, b1 = std::max(b0, i1 / 64);
+  dequant_range_scalar(codes, absmax, table, out - i0, i0, head);
+#ifdef LK_QUANT_X86
+  if (has_avx512f()) {
+    dequant_blocks_avx512<false>(codes, absmax, table, out + (head - i0), b0, b1);
+  } else
+#endif
+  {
+    dequant_range_scalar(codes, absmax, table, out - i0, head, b1 * 64);
+  }
+  dequant_range_scalar(codes, absmax, table, out - i0, std::max(head, b1 * 64), i1);
+}
+
+// Rows of W per block of the large-M paths: ~kBlockBytes of float32, so the block the GEMM reads back stays in a
+// core's L2 (2 MB here) beside x. Measured at 896 -> 4864, 1 thread, forward min ms at M = 16 / 128 (loaded
+// 2-core VM): 256 KB 2.28 / 8.75, 512 KB 2.37 / 8.75, 1 MB 2.00 / 8.62, 2 MB 2.49 / 9.00.
+constexpr int64_t kBlockBytes = 1 << 20;
+
+int64_t block_rows(int64_t N, int64_t K) { return std::min(N, std::max<int64_t>(8, kBlockBytes / (4 * K))); }
+
+// One scratch block per thread that runs a block, kept between calls (kBlockBytes = 1 MB, or 8 rows' worth when K
+// is larger; so at most 1 MB per thread at K <= 32768): no allocation and no page faults per call; thread_local,
+// so concurrent callers never share it.
+float* scratch(int64_t n) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
 void check_quant4(const Tensor& codes, const Tensor& absmax, const Tensor& table, int64_t N, int64_t K) {
   TORCH_CHECK(codes.device().is_cpu() && absmax.device().is_cpu() && table.device().is_cpu(),
               "native quant4 ops: tensors must be on the CPU");
@@ -152,8 +200,6 @@ void check_quant4(const Tensor& codes, const Tensor& absmax, const Tensor& table
               "table must be a contiguous float32 [16] tensor");
 }
 
-}  // namespace
-
 Tensor quant4_dequantize_cpu(const Tensor& codes, const Tensor& absmax, const Tensor& table, int64_t N, int64_t K) {
   check_quant4(codes, absmax, table, N, K);
   Tensor out = at::empty({N, K}, codes.options().dtype(at::kFloat));
@@ -162,13 +208,14 @@ Tensor quant4_dequantize_cpu(const Tensor& codes, const Tensor& absmax, const Te
   const float* t = table.data_ptr<float>();
   float* o = out.data_ptr<float>();
   const int64_t n = N * K, full = n / 64;
-  // Streaming stores only where the output outgrows a core's L2 (and is 64-byte aligned, as ATen allocates):
-  // a small output is read back right away from cache.
-  const bool stream = n * 4 > kStreamMinBytes && reinterpret_cast<uintptr_t>(o) % 64 == 0;
   at::parallel_for(0, full, 256, [&](int64_t b0, int64_t b1) {
 #ifdef LK_QUANT_X86
+    // Streaming stores only where the output outgrows a core's L2 (and is 64-byte aligned, as ATen allocates):
+    // a small output is read back right away from cache.
+    const bool stream = n * 4 > kStreamMinBytes && reinterpret_cast<uintptr_t>(o) % 64 == 0;
     if (has_avx512f()) {
-      return stream ? dequant_blocks_avx512<true>(c, a, t, o, b0, b1) : dequant_blocks_avx512<false>(c, a, t, o, b0, b1);
+      return stream ? dequant_blocks_avx512<true>(c, a, t, o + b0 * 64, b0, b1)
+                    : dequant_blocks_avx512<false>(c, a, t, o + b0 * 64, b0, b1);
     }
 #endif
     dequant_range_scalar(c, a, t, o, b0 * 64, b1 * 64);
@@ -176,6 +223,36 @@ Tensor quant4_dequantize_cpu(const Tensor& codes, const Tensor& absmax, const Te
   dequant_range_scalar(c, a, t, o, full * 64, n);
   return out;
 }
+
+// Up to this many rows of x the forward decodes W on the fly (every decoded value used M times); above, the
+// blocked dequantize + GEMM (lora_kernels/ops/qlora.py's GEMV_MAX_M mirrors this value). Measured on the dev CPU
+// (AVX-512, 896 -> 4864, 1 thread, min ms, fused / blocked): M = 8 0.84 / 1.06-1.41, 12 1.31-1.65 / 1.25-1.71,
+// 16 2.70 / 1.93-2.03, 32 4.4 / 2.8-3.0 (the fused kernel takes 8 rows of x per pass over W). Tiling W's rows so
+// that x's 8 rows stay in L1 across passes brought the fused M = 16 to 2.17 ms: still behind, so not kept.
+constexpr int64_t kGemvMaxM = 8;
+
+// The large-M paths run one parallel region over the row blocks: each thread dequantizes its blocks into its own
+// scratch and runs single-threaded GEMMs on them (BLAS does not thread inside the region), rather than a parallel
+// dequantize and a threaded GEMM per block (2 · 17 fork / join barriers per call at 896 -> 4864). One thread runs
+// the blocks in order, as a plain loop.
+
+// y = x Wᵀ (into y [M, N], contiguous), one block of rows of W at a time through the scratch block.
+void blocked_linear(const Tensor& x, const uint8_t* c, const float* a, const float* t, Tensor& y, int64_t N,
+                    int64_t K) {
+  const int64_t nb = block_rows(N, K), nblocks = (N + nb - 1) / nb;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    float* buf = scratch(nb * K);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * nb, rows = std::min(nb, N - n0);
+      dequant_span(c, a, t, buf, n0 * K, (n0 + rows) * K);
+      const Tensor w = at::from_blob(buf, {rows, K}, x.options());
+      Tensor out = y.narrow(1, n0, rows);  // a strided view (ldc = N): the GEMM writes through it
+      at::addmm_out(out, out, x, w.t(), /*beta=*/0, /*alpha=*/1);
+    }
+  });
+}
+
+}  // namespace
 
 Tensor quant4_linear_cpu(const Tensor& x, const Tensor& codes, const Tensor& absmax, const Tensor& table,
                          const std::optional<Tensor>& bias, int64_t N) {
@@ -192,6 +269,9 @@ Tensor quant4_linear_cpu(const Tensor& x, const Tensor& codes, const Tensor& abs
   const float* t = table.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 16384 / K);
+  if (M > kGemvMaxM) {
+    blocked_linear(xc, c, a, t, y, N, K);
+  } else
 #ifdef LK_QUANT_X86
   if (has_avx512f() && K % 64 == 0) {
     const int64_t H = K / 2;
@@ -214,14 +294,98 @@ Tensor quant4_linear_cpu(const Tensor& x, const Tensor& codes, const Tensor& abs
   return y;
 }
 
+Tensor quant4_linear_dx_cpu(const Tensor& dy, const Tensor& codes, const Tensor& absmax, const Tensor& table,
+                            int64_t K) {
+  TORCH_CHECK(dy.dim() == 2 && dy.scalar_type() == at::kFloat && dy.device().is_cpu(),
+              "dy must be a float32 CPU tensor [M, N], got ", dy.sizes(), " ", dy.scalar_type());
+  const int64_t M = dy.size(0), N = dy.size(1);
+  check_quant4(codes, absmax, table, N, K);
+  if (M == 0) return at::empty({M, K}, dy.options());
+  const Tensor g = dy.contiguous();
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const float* a = absmax.data_ptr<float>();
+  const float* t = table.data_ptr<float>();
+  const int64_t nb = block_rows(N, K), nblocks = (N + nb - 1) / nb;
+  // Each chunk of blocks sums into a partial dx of its own (indexed by its first block: a thread may run several
+  // chunks), added up after the region; one thread: one chunk, the partial is dx.
+  std::vector<Tensor> parts(nblocks);
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    float* buf = scratch(nb * K);
+    Tensor acc = at::empty({M, K}, g.options());
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * nb, rows = std::min(nb, N - n0);
+      dequant_span(c, a, t, buf, n0 * K, (n0 + rows) * K);
+      const Tensor w = at::from_blob(buf, {rows, K}, g.options());
+      // acc (+)= dy[:, rows] W[rows]: dy's column slice is a strided view (lda = N), no copy
+      at::addmm_out(acc, acc, g.narrow(1, n0, rows), w, /*beta=*/b == b0 ? 0 : 1, /*alpha=*/1);
+    }
+    parts[b0] = acc;
+  });
+  Tensor dx;
+  for (const Tensor& p : parts) {
+    if (!p.defined()) continue;
+    if (dx.defined()) dx.add_(p); else dx = p;
+  }
+  return dx;
+}
+
+#if defined(__clang__)
+#define LK_NO_CONTRACT
+#elif defined(__GNUC__)
+#define LK_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define LK_NO_CONTRACT
+#endif
+
+// The product and the sum rounded apart (never an FMA), as the PyTorch reference computes them.
+LK_NO_CONTRACT Tensor quant4_absmax_cpu(const Tensor& q, const Tensor& nested_absmax, const Tensor& nested_code,
+                                        const Tensor& nested_offset, int64_t nested_blocksize) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  TORCH_CHECK(q.device().is_cpu() && nested_absmax.device().is_cpu() && nested_code.device().is_cpu() &&
+              nested_offset.device().is_cpu(), "native_quant4_absmax: tensors must be on the CPU");
+  TORCH_CHECK(nested_blocksize >= 1, "nested_blocksize must be positive, got ", nested_blocksize);
+  const int64_t nb = q.numel();
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous(), "q_absmax must be contiguous uint8");
+  TORCH_CHECK(nested_absmax.scalar_type() == at::kFloat && nested_absmax.is_contiguous() &&
+              nested_absmax.numel() == (nb + nested_blocksize - 1) / nested_blocksize,
+              "nested_absmax must be contiguous float32 with ceil(", nb, "/", nested_blocksize, ") elements, got ",
+              nested_absmax.numel());
+  TORCH_CHECK(nested_code.scalar_type() == at::kFloat && nested_code.is_contiguous() && nested_code.numel() == 256,
+              "nested_code must be a contiguous float32 [256] tensor");
+  TORCH_CHECK(nested_offset.scalar_type() == at::kFloat && nested_offset.numel() == 1,
+              "nested_offset must be a one-element float32 tensor");
+  Tensor out = at::empty({nb}, nested_absmax.options());
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* a2 = nested_absmax.data_ptr<float>();
+  const float* code = nested_code.data_ptr<float>();
+  const float off = nested_offset.data_ptr<float>()[0];
+  float* o = out.data_ptr<float>();
+  for (int64_t j = 0; j < nb; j += nested_blocksize) {
+    const float s = a2[j / nested_blocksize];
+    const int64_t e = std::min(nb, j + nested_blocksize);
+    for (int64_t i = j; i < e; ++i) {
+      const float p = code[qp[i]] * s;
+      o[i] = p + off;
+    }
+  }
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
   m.def("native_quant4_dequantize(Tensor codes, Tensor absmax, Tensor table, int N, int K) -> Tensor");
   m.def("native_quant4_linear(Tensor x, Tensor codes, Tensor absmax, Tensor table, Tensor? bias, int N) -> Tensor");
+  m.def("native_quant4_linear_dx(Tensor dy, Tensor codes, Tensor absmax, Tensor table, int K) -> Tensor");
+  m.def("native_quant4_absmax(Tensor q_absmax, Tensor nested_absmax, Tensor nested_code, Tensor nested_offset, "
+        "int nested_blocksize) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
   m.impl("native_quant4_dequantize", &quant4_dequantize_cpu);
   m.impl("native_quant4_linear", &quant4_linear_cpu);
+  m.impl("native_quant4_linear_dx", &quant4_linear_dx_cpu);
+  m.impl("native_quant4_absmax", &quant4_absmax_cpu);
 }
 
 // CPU kernels only: on CUDA, qlora_linear runs its "composite" / "triton" backends. A direct call says so rather
@@ -235,7 +399,8 @@ void quant_cpu_only(const c10::OperatorHandle& op, torch::jit::Stack*) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
-  for (const char* name : {"native_quant4_dequantize", "native_quant4_linear"}) {
+  for (const char* name : {"native_quant4_dequantize", "native_quant4_linear", "native_quant4_linear_dx",
+                           "native_quant4_absmax"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&quant_cpu_only>());
   }
 }

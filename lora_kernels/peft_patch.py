@@ -20,8 +20,8 @@ write under ``no_grad`` invalidates it; writes through ``.data`` bypass version 
 PEFT's state is read at every call: disabled adapters and merged adapters give ``base_layer(x)`` (exactly as
 PEFT does); ``set_adapter`` and ``scaling`` changes take effect at once. A call the fused op does not cover
 (several active adapters, a variant adapter other than DoRA added after patching, a base weight that
-requires grad, extra forward arguments, DoRA / lora_bias under autocast) runs PEFT's own forward and is
-logged once per reason.
+requires grad, extra forward arguments, DoRA over a quantized base under autocast) runs PEFT's own forward and
+is logged once per reason.
 
 Mixed batches (``model(..., adapter_names=[...])``, one adapter per sample, inference) run one
 ``torch.ops.lora_kernels.multi_lora_linear`` call per layer (grouped shrink/expand over all adapters of the
@@ -32,7 +32,7 @@ Dropout: with ``p > 0`` in training the op draws a seed from torch's CPU generat
 from it (`lora_kernels.dropout_mask`), so the mask differs from the one ``nn.Dropout`` would draw.
 
 Autocast: the base GEMM runs in the autocast dtype, as PEFT's would; the LoRA path keeps the adapters' dtype
-(float32 by PEFT's default) with float32 accumulation.
+(float32 by PEFT's default) with float32 accumulation; DoRA's norm, magnitude and lora_B's bias stay float32.
 
 Patch before wrapping: DDP, FSDP2 ``fully_shard`` (on decoder blocks or the whole model) and
 ``torch.compile`` all work on a patched model; a layer wrapped before patching (``fully_shard`` on the
@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from lora_kernels.backends import resolve_backend
-from lora_kernels.ops.dora import dora_linear, dora_weight_norm, qdora_weight_norm, qdora_weight_sq, weight_sq
+from lora_kernels.ops.dora import cached_norm_args, cached_weight_norm, dora_linear
 from lora_kernels.ops.lora_linear import lora_linear
 from lora_kernels import quant
 from lora_kernels.ops.plumbing import any_autocast as _any_autocast
@@ -287,41 +287,42 @@ def _fast_call(self, x: torch.Tensor):
 
 
 def _dora_call(self, name: str, x, weight, bias, A, B, lora_bias, magnitude, p: float, drop_training: bool,
-               backend):
+               backend, norm=None):
     """A DoRA adapter (magnitude given) or a plain one with lora_bias, as PEFT computes them:
     DoRA's dropout term runs when the layer is in training mode (PEFT's test), plain LoRA's when the
-    dropout module is; lora_bias alone adds s·c to the fused op's output."""
+    dropout module is; lora_bias alone adds s·c to the fused op's output (in y's dtype: PEFT returns the
+    base's dtype). `weight`: the dense W0 or a quantized base's QuantWeight (both ops take either). `norm`: DoRA's
+    row norm when the caller has it (else the layer's cached one)."""
     s = self.scaling[name]
     if magnitude is None:
         y = lora_linear(x, weight, bias, A, B, s, p, drop_training, backend=backend)
-        return torch.add(y, lora_bias, alpha=s) if lora_bias.dtype == y.dtype else y + s * lora_bias
-    norm = None if torch.compiler.is_compiling() else _dora_norm(self, name, weight, A, B, s, lora_bias)
+        return torch.add(y, lora_bias, alpha=s) if lora_bias.dtype == y.dtype else (y + s * lora_bias).to(y.dtype)
+    norm_args = _dora_norm_args(self, name, weight, A, B, s, lora_bias) if norm is None else {"weight_norm": norm}
     return dora_linear(x, weight, bias, A, B, magnitude, s, p, self.training and drop_training, backend=backend,
-                       lora_bias=lora_bias, weight_norm=norm)
-
-
-def _version_key(t):
-    return None if t is None else (t.data_ptr(), t._version, t.dtype, t.shape)
+                       lora_bias=lora_bias, **norm_args)
 
 
 def _dora_norm(self, name: str, weight, A, B, s: float, lora_bias):
-    """The detached row norm n of adapter `name`, cached until W0, A, B, lora_bias or s change (version
-    counters and data pointers). ‖W0_j‖² is cached apart: W0 is frozen, so a training step only recomputes
-    W0 Aᵀ and the r-sized terms."""
+    """The detached row norm n of adapter `name` (dense or quantized `weight`), cached on the layer until W0, A,
+    B, lora_bias or s change (`ops.dora.cached_weight_norm`); None while torch.compile traces (the op computes
+    n itself: the cache's keys are data pointers and version counters, which a graph cannot hold)."""
+    if torch.compiler.is_compiling():
+        return None
     cache = self.__dict__.get(_DORA_CACHE_ATTR)
     if cache is None:
         cache = self.__dict__[_DORA_CACHE_ATTR] = {}
-    wkey = (_version_key(weight), A.dtype)
-    key = (wkey, _version_key(A), _version_key(B), _version_key(lora_bias), s)
-    hit = cache.get(name)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    w2 = cache.get(None)
-    if w2 is None or w2[0] != wkey:
-        w2 = cache[None] = (wkey, weight_sq(weight, A))
-    n = dora_weight_norm(weight, A, B, s, lora_bias, w2[1])
-    cache[name] = (key, n)
-    return n
+    return cached_weight_norm(cache, name, weight, A, B, s, lora_bias)
+
+
+def _dora_norm_args(self, name: str, weight, A, B, s: float, lora_bias) -> dict:
+    """`dora_linear`'s norm keywords (`ops.dora.cached_norm_args`: the cached n in eval; in training the cached
+    ‖W0_j‖², the op computing n); none while torch.compile traces (the op computes n)."""
+    if torch.compiler.is_compiling():
+        return {}
+    cache = self.__dict__.get(_DORA_CACHE_ATTR)
+    if cache is None:
+        cache = self.__dict__[_DORA_CACHE_ATTR] = {}
+    return cached_norm_args(cache, name, weight, A, B, s, lora_bias)
 
 
 def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -377,17 +378,23 @@ def _general_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.
     backend = self.__dict__.get(_BACKEND_ATTR)
     dev = x.device.type
     dora, lora_bias = self.use_dora.get(name, False), self.lora_bias.get(name, False)
-    if (dora or lora_bias) and torch.is_autocast_enabled(dev):
-        return _fallback_forward(self, "DoRA / lora_bias under autocast is not fused", x)
     if torch.is_autocast_enabled(dev):
         # What autocast does to PEFT's layer: base GEMM in the autocast dtype. The LoRA path stays in the
-        # adapter's dtype (float32 by PEFT's default), which the op accumulates in float32 anyway.
+        # adapter's dtype (float32 by PEFT's default), which the op accumulates in float32 anyway. DoRA's norm
+        # is taken on the layer's own W0 (as PEFT's, which casts W0 to the float32 adapters' dtype; and the
+        # cache stays valid: the cast copy is new at every call); the magnitude and lora_B's bias stay float32.
         dt = torch.get_autocast_dtype(dev)
+        c = self.lora_B[name].bias if lora_bias else None
+        norm = _dora_norm(self, name, weight, A, B, self.scaling[name], c) if dora else None
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
         if A.dtype not in (dt, torch.float32):
             A, B = A.to(dt), B.to(dt)
         with torch.autocast(dev, enabled=False):
+            if dora or lora_bias:
+                return _dora_call(self, name, x, weight, bias, A, B, c,
+                                  self.lora_magnitude_vector[name].weight if dora else None, p, drop.training,
+                                  backend, norm)
             return lora_linear(x, weight, bias, A, B, self.scaling[name], p, drop.training, backend=backend)
     if x.dtype != weight.dtype:
         return _fallback_forward(self, f"input dtype {x.dtype} differs from the base weight dtype "
@@ -559,6 +566,8 @@ def __getattr__(name: str):  # PEP 562: `lora_kernels.peft_patch.FusedLoraLinear
 # in bfloat16 on CPUs with AVX512-BF16, and its 8-bit matmul quantizes the activations to int8 as well), and
 # the backward's dx reads the quantized weight once. merge / unmerge are PEFT's (dequantize, add, requantize,
 # with its warning); the converted weight is cached per layer and rebuilt when the weight object changes.
+# DoRA (QDoRA, over 4-bit and int8 bases) and lora_bias run the dense layer's `_dora_call` with the QuantWeight
+# in W0's place: `dora_linear` / `lora_linear` take it, and DoRA's norm comes from the dequantized W0.
 # ----------------------------------------------------------------------------------------------------
 
 _QUANT_CACHE_ATTR = "_lora_kernels_qweight"  # (key, QuantWeight) of a quantized base
@@ -588,17 +597,9 @@ def _quant_static_reason(layer: nn.Module) -> str:
     return ""
 
 
-def _quant_adapter_reason(layer: nn.Module, name: str) -> str:
-    d = layer.__dict__
-    if d.get("use_dora", {}).get(name, False) and quant.bnb_kind(d["_modules"]["base_layer"]) != "4bit":
-        return "DoRA over an 8-bit base is not fused (QDoRA: 4-bit bases)"
-    if d.get("lora_bias", {}).get(name, False):
-        return "lora_bias over a quantized base is not fused"
-    return _adapter_reason(layer, name)
-
-
 def _quant_patch_reason(layer: nn.Module) -> str:
-    return _layer_reason(layer, _quant_static_reason, _quant_adapter_reason)
+    # The adapter reasons are the dense layer's: DoRA (4-bit and int8 bases) and lora_bias are fused as there.
+    return _layer_reason(layer, _quant_static_reason, _adapter_reason)
 
 
 def _qweight(self, base: nn.Module):
@@ -617,7 +618,7 @@ def _quant_call(self, x: torch.Tensor):
     if A_mod is None:
         return None
     base = mods["base_layer"]
-    if _hooked(base) or _quant_adapter_reason(self, name):
+    if _hooked(base) or _adapter_reason(self, name):
         return None
     if _any_autocast() and torch.is_autocast_enabled(x.device.type):
         return None
@@ -631,36 +632,16 @@ def _quant_call(self, x: torch.Tensor):
                                                   False):
         return None
     A = A_mod._parameters["weight"]
-    B = mods["lora_B"]._modules[name]._parameters["weight"]
+    Bp = mods["lora_B"]._modules[name]._parameters
+    B, c = Bp["weight"], (Bp.get("bias") if d["lora_bias"].get(name, False) else None)
     drop = mods["lora_dropout"]._modules[name]
     p = drop.p if type(drop) is nn.Dropout else 0.0
     qw = _qweight(self, base)
-    if d["use_dora"].get(name, False):  # QDoRA: DoRA's dropout term runs when the layer trains (PEFT's test)
-        magnitude = mods["lora_magnitude_vector"]._modules[name]._parameters["weight"]
-        s = self.scaling[name]
-        norm = _qdora_norm(self, name, qw, A, B, s)
-        return dora_linear(x, qw, bias, A, B, magnitude, s, p, self.training and drop.training,
-                           backend=d.get(_BACKEND_ATTR), weight_norm=norm)
+    dora = d["use_dora"].get(name, False)
+    if dora or c is not None:  # QDoRA (4-bit or int8 base) and / or lora_bias: the dense path's call on qw
+        magnitude = mods["lora_magnitude_vector"]._modules[name]._parameters["weight"] if dora else None
+        return _dora_call(self, name, x, qw, bias, A, B, c, magnitude, p, drop.training, d.get(_BACKEND_ATTR))
     return qlora_linear(x, qw, bias, A, B, self.scaling[name], p, drop.training, backend=d.get(_BACKEND_ATTR))
-
-
-def _qdora_norm(self, name: str, qw, A, B, s: float):
-    """`_dora_norm` over a quantized base: n of adapter `name` cached until the base (its codes / absmax) or A, B,
-    s change; ‖deq(W0)_j‖² cached apart (the base is frozen), so a training step dequantizes once for W0 Aᵀ."""
-    cache = self.__dict__.get(_DORA_CACHE_ATTR)
-    if cache is None:
-        cache = self.__dict__[_DORA_CACHE_ATTR] = {}
-    wkey = (_version_key(qw.codes), _version_key(qw.absmax), qw.fmt, A.dtype)
-    key = (wkey, _version_key(A), _version_key(B), s)
-    hit = cache.get(name)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    w2 = cache.get(None)
-    if w2 is None or w2[0] != wkey:
-        w2 = cache[None] = (wkey, qdora_weight_sq(qw, A))
-    n = qdora_weight_norm(qw, A, B, s, None, w2[1])
-    cache[name] = (key, n)
-    return n
 
 
 def _quant_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

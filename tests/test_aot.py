@@ -25,7 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_SPILL_BYTES = 0              # a spill is a local-memory round trip inside the main loop: none allowed
 ALLOWED_ATOMICS = {"atom.relaxed", "red.relaxed"}  # no kernel reads back what it adds: no acq_rel fences
 GPU_FENCE = re.compile(r"MEMBAR\.\w+\.(GPU|SYS)")  # acq_rel atomics compile to MEMBAR.ALL.GPU around them
-GEMM_KERNELS = ("_gemm_lora_kernel", "_multi_lora_gemm_kernel", "_qlora_gemm_kernel")
+GEMM_KERNELS = ("_gemm_lora_kernel", "_multi_lora_gemm_kernel", "_qlora_gemm_kernel", "_dora_gemm_kernel",
+                "_dora_dx_kernel")
 FILL_MIN_M, FILL_MIN_N = 16, 1024  # GEMMs at least this big ...
 MIN_GEMM_CTAS = 132              # ... have a CTA for every SM of an H100 (132 SMs)
 MIN_MULTI_GEMM_CTAS_PER_SM = 2   # two resident CTAs per SM on sm_90 hide the epilogue of one behind the other
@@ -63,7 +64,7 @@ def test_report_covers_both_families_and_gpus(report):
     assert not report["missing"], report["missing"]
     assert {r["cc"] for r in report["rows"]} == {80, 90}
     cases = {r["case"].split()[0] for r in report["rows"]}
-    assert {"lora_linear", "multi_lora_linear[fused]", "qlora_linear"} <= cases, cases
+    assert {"lora_linear", "multi_lora_linear[fused]", "qlora_linear", "dora_linear"} <= cases, cases
     for r in report["rows"]:  # the table shows in the log with -rA / on failure
         print(f"sm_{r['cc']} {r['case']} {r['config']} grid={r['grid_ctas']} regs={r['regs']} "
               f"spill={r['spill_bytes']} smem={r['smem_bytes']} ctas/SM={r['ctas_per_sm']} waves={r['waves']} "

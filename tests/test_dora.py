@@ -75,6 +75,24 @@ def test_near_cancellation_row_falls_back_to_the_direct_norm(monkeypatch):
     assert (bad[3].double() - want[3]).abs() / want[3] > 1e-3
 
 
+def test_cancelling_rows_fixed_on_the_device_without_a_host_read(monkeypatch):
+    """On CUDA `dora_weight_norm` leaves the cancelling rows to kernels/dora.py's fix-up kernel (no `nonzero`, no
+    sync); run here under the interpreter: the same rows, the same result as the host gather."""
+    require_backend("triton", "cpu")
+    t = tensors(8, lora_bias=True)
+    s = 2.0
+    W, A, B, c = (t[k].double() for k in ("weight", "lora_A", "lora_B", "lora_bias"))
+    W[3] = -s * (B[3] @ A + c[3]) + 1e-4 * torch.randn(IN, generator=torch.Generator().manual_seed(5),
+                                                       dtype=torch.float64)
+    host = dora.dora_weight_norm(W.float(), t["lora_A"], t["lora_B"], s, t["lora_bias"])
+    monkeypatch.setattr(dora, "_FIXUP_ON_CPU", True)
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda *a, **k: pytest.fail("host gather of cancelling rows"))
+    dev = dora.dora_weight_norm(W.float(), t["lora_A"], t["lora_B"], s, t["lora_bias"])
+    torch.testing.assert_close(dev, host, rtol=1e-5, atol=0)
+    want = reference.dora_weight_norm(W.float().double(), A, B, s, c)
+    assert ((dev.double() - want).abs() / want).max() < 1e-3  # the cancelling row's float32 conditioning
+
+
 # ----------------------------------------------------------------------------------------------------
 # The op against the float64 reference: forward and every gradient
 # ----------------------------------------------------------------------------------------------------
@@ -108,10 +126,18 @@ def run_op_and_reference(t, backend, scaling, dropout=0.0, x=None):
     return y2, grads_of(y2, inputs, dy.to(y.dtype)), y_ref, grads_of(y_ref, ref_in, dy)
 
 
+@pytest.fixture
+def poisoned_kernel_outputs(monkeypatch):
+    """Every Triton output buffer starts as NaN: an element a kernel forgets to write fails the comparison."""
+    if "triton" in lk.available_backends("cpu"):
+        from lora_kernels.kernels import lora_linear as klk
+        monkeypatch.setattr(klk, "POISON_OUTPUTS", True)
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("r", RANKS, ids=lambda r: f"r{r}")
-@pytest.mark.parametrize("backend", ["torch", "native"])
-def test_op_matches_reference(backend, r, case):
+@pytest.mark.parametrize("backend", ["torch", "native", "triton", "composite"])
+def test_op_matches_reference(backend, r, case, poisoned_kernel_outputs):
     require_backend(backend, "cpu")
     case = dict(case)
     dropout = case.pop("dropout", 0.0)
@@ -123,8 +149,8 @@ def test_op_matches_reference(backend, r, case):
         assert_close_to_ref(g[i], g_ref[i], torch.float32, "d" + NAMES[i])
 
 
-@pytest.mark.parametrize("backend", ["torch", "native"])
-def test_leading_dims_non_contiguous_x_and_empty_batch(backend):
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_leading_dims_non_contiguous_x_and_empty_batch(backend, poisoned_kernel_outputs):
     require_backend(backend, "cpu")
     t = tensors(3, bias=True)
     x = torch.randn(IN, 4, 5, dtype=torch.float32).permute(1, 2, 0)  # [4, 5, IN], non-contiguous
@@ -142,12 +168,101 @@ def test_leading_dims_non_contiguous_x_and_empty_batch(backend):
     assert torch.count_nonzero(A.grad) == 0 and torch.count_nonzero(m.grad) == 0
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["no_dropout", "dropout"])
+@pytest.mark.parametrize("lora_bias", [False, True], ids=["no_lora_bias", "lora_bias"])
+def test_fused_triton_norm_with_cancelling_rows(dropout, lora_bias, poisoned_kernel_outputs):
+    """The Triton forward computes n in its GEMM; rows 3 and 17 of W0 cancel s·(B A + c) up to 1e-4, so the
+    kernel flags them and the fix-up kernel recomputes them directly and adds g ⊙ P to their columns. The
+    forward's n (saved for the backward) and y, and every gradient, against the float64 reference."""
+    require_backend("triton", "cpu")
+    t = tensors(8, bias=True, lora_bias=lora_bias)
+    s = 2.0
+    W = t["weight"].double()
+    A, B = t["lora_A"].double(), t["lora_B"].double()
+    c = torch.zeros(OUT, dtype=torch.float64) if t["lora_bias"] is None else t["lora_bias"].double()
+    noise = torch.randn(2, IN, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for i, row in enumerate((3, 17)):
+        W[row] = -s * (B[row] @ A + c[row]) + 1e-4 * noise[i]
+    t["weight"] = W.float()
+    want_n = reference.dora_weight_norm(t["weight"].double(), A, B, s, None if t["lora_bias"] is None else c)
+    # m ~ n on those rows keeps g ~ 1: y's columns there are g times a sum that cancels as well (its float32
+    # rounding, amplified by g = m / n ~ 1e4 for PEFT's m, would swamp the comparison on any backend).
+    t["magnitude"][[3, 17]] = 1.3 * want_n[[3, 17]].float()
+    fwd = dora.IMPLS["triton"][0]
+    args = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], None, None, s, 0.0, None, t["magnitude"],
+            t["lora_bias"])
+    y, (S, P, n) = fwd(*args)
+    rel = ((n.double() - want_n).abs() / want_n).max().item()
+    # The direct norm of a cancelling row is a float32 sum of O(1) terms: relative error ~eps32 · ‖W0_j‖ / n_j
+    # ≈ 6e-8 · 6 / 5e-4 ≈ 7e-4 at most. Without the fix-up rows 3 and 17 would be off by O(1) (n² lost to the
+    # rounding of ‖W0_j‖² ~ 36).
+    assert rel < 1e-3, rel
+    torch.testing.assert_close(n, dora.dora_weight_norm(t["weight"], t["lora_A"], t["lora_B"], s, t["lora_bias"]),
+                               rtol=1e-5, atol=0)
+    # y and the gradients: against the torch backend (host norm, same fallback; itself held to the float64
+    # reference above). Against the reference directly, the cancelling columns would carry n's float32
+    # conditioning (~1e-4 relative with lora_bias, times g and y's scale) on any backend.
+    y, grads, _, _ = run_op_and_reference(t, "triton", s, dropout)
+    y_t, grads_t, y_ref, g_ref = run_op_and_reference(t, "torch", s, dropout)
+    assert_close_to_ref(y, y_t.double(), torch.float32, "y")
+    assert set(grads) == set(g_ref)
+    for i in g_ref:
+        assert_close_to_ref(grads[i], grads_t[i].double(), torch.float32, "d" + NAMES[i])
+
+
+def test_fused_triton_forward_matches_host_norm_path(poisoned_kernel_outputs):
+    """n computed in the kernel's main loop equals `dora_weight_norm`'s; given n (the eval cache), the kernel
+    uses it as is."""
+    require_backend("triton", "cpu")
+    t = tensors(16, bias=True, lora_bias=True, m_rows=40)
+    fwd = dora.IMPLS["triton"][0]
+    base = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"])
+    rest = (0.75, 0.0, None, t["magnitude"], t["lora_bias"])
+    y1, (_, P1, n1) = fwd(*base, None, None, *rest)
+    n_host = dora.dora_weight_norm(t["weight"], t["lora_A"], t["lora_B"], 0.75, t["lora_bias"])
+    torch.testing.assert_close(n1, n_host, rtol=2e-6, atol=0)
+    y2, (_, P2, n2) = fwd(*base, n_host, None, *rest)
+    assert n2 is n_host
+    torch.testing.assert_close(y2, y1, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(P2, P1, rtol=0, atol=0)
+
+
+def _shipped_dora_configs():
+    try:
+        from lora_kernels.kernels import dora as kd
+    except ImportError:  # no triton: the test below skips
+        return [pytest.param(None, None, None, id="no-triton")]
+    return [pytest.param(cfg, dtype, p, id=f"{str(dtype)[6:]}-p{p}-{'x'.join(map(str, cfg))}")
+            for dtype, size in ((torch.float16, 2), (torch.float32, 4)) for p in (0.0, 0.2)
+            for cfg in kd.gemm_configs(40, size, p > 0)]
+
+
+@pytest.mark.parametrize("config, dtype, dropout", _shipped_dora_configs())
+def test_every_shipped_dora_gemm_config(config, dtype, dropout, poisoned_kernel_outputs):
+    """Each config measured dispatch may pick on a GPU (`_gemm_variants`) gives the torch backend's y, S, P, n
+    (float16 for the 2-byte configs: the interpreter's bf16 rounding differs from a GPU's)."""
+    require_backend("triton", "cpu")
+    t = tensors(16, dtype=dtype, bias=True, lora_bias=True, m_rows=40)
+    seed = None
+    if dropout:
+        from lora_kernels.ops.plumbing import seed_tensor
+        seed = seed_tensor(new_seed())
+    args = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], None, None, 0.75, dropout, seed,
+            t["magnitude"], t["lora_bias"])
+    y, (S, P, n) = dora.IMPLS["triton"][0](*args, gemm_config=config)
+    y_t, (S_t, P_t, n_t) = dora.IMPLS["torch"][0](*args)
+    for name, got, want in (("y", y, y_t), ("S", S, S_t), ("P", P, P_t), ("n", n, n_t)):
+        assert_close_to_ref(got, want.double(), dtype, name)
+
+
 def test_registered_ops_opcheck_and_compile_fullgraph():
     t = tensors(4, bias=True, lora_bias=True)
     args = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"],
-            dora.dora_weight_norm(t["weight"], t["lora_A"], t["lora_B"], 0.5, t["lora_bias"]), 0.5, 0.0, None,
+            dora.dora_weight_norm(t["weight"], t["lora_A"], t["lora_B"], 0.5, t["lora_bias"]), None, 0.5, 0.0, None,
             t["magnitude"], t["lora_bias"], "torch")
     torch.library.opcheck(torch.ops.lora_kernels.dora_linear_fwd.default, args)
+    # weight_norm None: the op computes n (and returns it, for the backward).
+    torch.library.opcheck(torch.ops.lora_kernels.dora_linear_fwd.default, (*args[:5], None, *args[6:]))
     torch.library.opcheck(torch.ops.lora_kernels.dora_weight_norm.default,
                           (t["weight"], t["lora_A"], t["lora_B"], 0.5, t["lora_bias"], None))
 
@@ -240,6 +355,40 @@ def test_patched_lora_bias_matches_peft(dropout):
     model, ref = peft_pair(8, True, dropout, use_dora=False, lora_bias=True)
     model.train(), ref.train()
     assert_matches_peft(model, ref, torch.randn(2, 6, IN))
+
+
+def rel_rms(got, want) -> float:
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+@pytest.mark.parametrize("kind", ["dora", "dora_dropout", "lora_bias"])
+def test_patched_dora_under_autocast_matches_peft(kind, monkeypatch):
+    """Under CPU autocast(bfloat16) the patched layer runs fused (no fallback to PEFT): y (bfloat16), dx and every
+    gradient within bfloat16 tolerance of PEFT's own layer under the same autocast, and no further from the
+    float32 result than 2x PEFT's own autocast error plus one bfloat16 ulp (2^-8: the two round at different
+    places: PEFT adds base and DoRA terms in float32, we scale P by g rounded to bfloat16)."""
+    def no_fallback(layer, reason, *a, **k):
+        raise AssertionError(f"fell back to PEFT: {reason}")
+    monkeypatch.setattr(lk.peft_patch, "_fallback_forward", no_fallback)
+    kw = dict(use_dora=False, lora_bias=True) if kind == "lora_bias" else {}
+    model, ref = peft_pair(8, True, 0.25 if kind == "dora_dropout" else 0.0, **kw)
+    x = torch.randn(3, 5, IN)
+    for train in (True, False):
+        model.train(train), ref.train(train)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fwd_bwd(model, x) if train else (model(x).detach(), None, {})
+            want = fwd_bwd(ref, x) if train else (ref(x).detach(), None, {})
+        exact = fwd_bwd(ref, x) if train else (ref(x).detach(), None, {})  # float32, no autocast
+        assert got[0].dtype == want[0].dtype == torch.bfloat16
+        pairs = [("y", got[0], want[0], exact[0])] + ([("dx", got[1], want[1], exact[1])] if train else [])
+        pairs += [(n, got[2][n], g, exact[2][n]) for n, g in want[2].items()]
+        assert not train or any("magnitude" in p[0] or "bias" in p[0] for p in pairs)
+        for n, a, b, e in pairs:
+            assert torch.isfinite(a).all(), n
+            assert rel_rms(a, b) < 1e-2, (n, rel_rms(a, b))
+            assert rel_rms(a, e) <= 2 * rel_rms(b, e) + 2 ** -8, (n, rel_rms(a, e), rel_rms(b, e))
+    if kind != "lora_bias":
+        assert lk.peft_patch._DORA_CACHE_ATTR in model.base_model.model.lin.__dict__  # the fused DoRA ran
 
 
 def dora_cache(model):
@@ -411,3 +560,135 @@ def test_patch_peft_qdora_matches_peft_dora_over_linear4bit():
         y, y_ref = model(x), ref(x)
         assert rel_rms(y, y_ref) < 5e-3
         assert rel_rms(model(x), y_ref) < 5e-3  # a cache hit
+
+
+def test_qdora_registered_ops_opcheck():
+    """The QDoRA forward / backward / norm ops: schemas, fakes and the autograd registration (opcheck)."""
+    qw, _, bias, t = _qdora_tensors(nested=True)
+    codes, absmax, n_absmax, n_code, n_offset = qw.tensors()
+    q = (absmax, n_absmax, n_code, n_offset, *qw.fmt.op_args())
+    A, B, m = (t[k].clone().requires_grad_() for k in ("lora_A", "lora_B", "magnitude"))
+    c = torch.linspace(-0.5, 0.5, 96).requires_grad_()
+    n = dora.qdora_weight_norm(qw, t["lora_A"], t["lora_B"], 1.5, c.detach())
+    torch.library.opcheck(torch.ops.lora_kernels.qdora_linear_fwd.default,
+                          (t["x"].clone().requires_grad_(), codes, bias, A, B, n, 1.5, 0.0, None, m, c, *q, "torch"))
+    torch.library.opcheck(torch.ops.lora_kernels.qdora_weight_norm.default,
+                          (t["lora_A"], t["lora_B"], 1.5, None, None, codes, *q))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["nodrop", "drop"])
+def test_compile_fullgraph_patched_qdora_layer_in_training(dropout):
+    """A patched PEFT Linear4bit DoRA layer compiles with fullgraph=True (the registered qdora ops; no graph
+    break), and its forward and every gradient (x, A, B, magnitude) equal the eager fused layer's."""
+    pytest.importorskip("bitsandbytes", reason="QDoRA tests need bitsandbytes: pip install 'lora_kernels[qlora]'")
+    from peft import LoraConfig, get_peft_model
+    from test_qlora import Quantizable, quantize_model
+    torch.manual_seed(0)
+    model = get_peft_model(quantize_model(Quantizable(), "4bit"), LoraConfig(
+        r=8, lora_alpha=16, target_modules=["v"], lora_dropout=dropout, init_lora_weights=False, use_dora=True))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    assert lk.patch_peft(model).num_patched == 1
+    layer = model.base_model.model.v
+    assert type(layer).__name__ == "FusedLinear4bit"
+    layer.train()
+    x = torch.randn(6, 192)
+    y_ref, dx_ref, grads_ref = fwd_bwd(layer, x)
+    from torch._dynamo.backends.common import aot_autograd
+    from functorch.compile import make_boxed_func
+    graphs = []
+
+    def record(gm, _):
+        graphs.append(str(gm.graph))
+        return make_boxed_func(gm.forward)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    y, dx, grads = fwd_bwd(compiled, x, params=layer)
+    torch._dynamo.reset()
+    assert len(graphs) == 2 and "lora_kernels.qdora_linear_fwd" in graphs[0], graphs  # the registered ops ran
+    assert "lora_kernels.qdora_linear_bwd" in graphs[1]
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6)
+    assert set(grads) == set(grads_ref) and any("magnitude" in n for n in grads)
+    for n, g in grads_ref.items():
+        assert torch.count_nonzero(g) > 0, n
+        torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRALinear(use_dora=True)
+# ----------------------------------------------------------------------------------------------------
+
+def test_lora_linear_dora_init_is_peft_s_and_state_dict_keys_match():
+    """m = ‖W0_j‖ at init (B = 0), y = the base layer's at init, and the same state_dict keys and values as
+    PEFT's DoRA layer for the same base and seed."""
+    base = nn.Linear(IN, OUT, bias=True)
+    layer = lk.LoRALinear(copy.deepcopy(base), r=3, lora_alpha=6, use_dora=True)
+    m = layer.lora_magnitude_vector["default"].weight
+    assert m.requires_grad
+    torch.testing.assert_close(m, torch.linalg.vector_norm(base.weight.detach(), dim=1), rtol=1e-6, atol=0)
+    x = torch.randn(4, IN)
+    torch.testing.assert_close(layer(x), base(x), rtol=1e-5, atol=1e-6)
+    ref = get_peft_model(Net(True), LoraConfig(target_modules=["lin"], r=3, lora_alpha=6, use_dora=True))
+    peft_sd = {k.split("lin.", 1)[1]: v for k, v in ref.state_dict().items() if "lin." in k}
+    assert set(layer.state_dict()) == set(peft_sd)
+
+
+def test_lora_linear_from_peft_dora_matches_peft_and_merges_like_peft():
+    """from_peft of a PEFT DoRA layer shares its parameters; forward, dx and every gradient (incl. m) match
+    PEFT in training (with dropout: PEFT's dropout term) and in eval (the cached norm, invalidated by an
+    optimizer step); merge gives PEFT's merged weight, unmerge restores W0."""
+    model, ref = peft_pair(4, True, 0.2)
+    layer = lk.LoRALinear.from_peft(model.base_model.model.lin, backend="torch")
+    assert layer.lora_magnitude_vector["default"].weight is model.base_model.model.lin.lora_magnitude_vector[
+        "default"].weight
+    model.base_model.model.lin = layer
+    model.train(), ref.train()
+    assert_matches_peft(model, ref, torch.randn(3, 5, IN))
+    x = torch.randn(4, IN)
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
+        n = layer.__dict__["_dora_cache"]["default"][1]
+        model(x)
+        assert layer.__dict__["_dora_cache"]["default"][1] is n  # reused while nothing changed
+    for m_ in (model, ref):  # one optimizer step on A, B and m (the same regenerated dropout mask)
+        opt = torch.optim.SGD([p for p in m_.parameters() if p.requires_grad], lr=0.1)
+        m_.train()
+        torch.manual_seed(7)
+        m_(x).square().mean().backward()
+        opt.step()
+        m_.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
+        assert layer.__dict__["_dora_cache"]["default"][1] is not n
+        W0 = layer.base_layer.weight.clone()
+        want = ref(x)
+        layer.merge(), ref.base_model.model.lin.merge()
+        torch.testing.assert_close(layer.base_layer.weight, ref.base_model.model.lin.base_layer.weight,
+                                   rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(layer.base_layer.weight, W0, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-5)
+        layer.unmerge()
+        torch.testing.assert_close(layer.base_layer.weight, W0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_linear_dora_compiles_fullgraph_in_training():
+    layer = lk.LoRALinear(nn.Linear(IN, OUT), r=4, lora_alpha=8, lora_dropout=0.1, use_dora=True,
+                          init_lora_weights="gaussian")
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    layer.train()
+    x = torch.randn(6, IN)
+    y_ref, dx_ref, g_ref = fwd_bwd(layer, x)
+    torch._dynamo.reset()
+    y, dx, g = fwd_bwd(torch.compile(layer, fullgraph=True, backend="aot_eager"), x, params=layer)
+    torch._dynamo.reset()
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6)
+    assert set(g) == set(g_ref) and any("magnitude" in n for n in g)
+    for n in g_ref:
+        torch.testing.assert_close(g[n], g_ref[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")

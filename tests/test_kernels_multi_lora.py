@@ -386,19 +386,22 @@ def test_grids_fill_the_gpu(K, widths, T):
 
 def test_report_launches():
     """The static report's multi-adapter cases: T in {1, 64, 256, 4096} x {q, qkv}, the fused path's shrink and
-    GEMM and the composite's shrink and expand, each with the config its launcher picks."""
+    GEMM and the composite's shrink and expand, each with the config its launcher picks, and both again with
+    DoRA's per-slot column scale ("[fused,col_scale]", "[composite,col_scale]")."""
     cases = {}
     for case, launch in aot_cases.report_launches("multi_lora"):
         assert isinstance(launch, Launch)
         if "[bwd]" not in case:  # the backward's cases: tests/test_kernels_multi_lora_grad.py
-            cases.setdefault(case, []).append(launch.kernel)
-    assert len(cases) == 2 * 2 * 4
+            cases.setdefault(case, []).append(launch)
+    assert len(cases) == 2 * 2 * 4 * 2
     for T in (1, 64, 256, 4096):
         for layer in ("q 4096->4096 ", "qkv 4096->4096+1024+1024 "):
-            fused = cases[f"multi_lora_linear[fused] {layer}T={T} r=16 bf16 L=64"]
-            composite = cases[f"multi_lora_linear[composite] {layer}T={T} r=16 bf16 L=64"]
-            assert fused == [k._multi_lora_shrink_kernel, k._multi_lora_gemm_kernel]
-            assert composite == [k._multi_lora_shrink_kernel, k._multi_lora_expand_kernel]
+            for variant, cs in (("", False), (",col_scale", True)):
+                fused = cases[f"multi_lora_linear[fused{variant}] {layer}T={T} r=16 bf16 L=64"]
+                composite = cases[f"multi_lora_linear[composite{variant}] {layer}T={T} r=16 bf16 L=64"]
+                assert [la.kernel for la in fused] == [k._multi_lora_shrink_kernel, k._multi_lora_gemm_kernel]
+                assert [la.kernel for la in composite] == [k._multi_lora_shrink_kernel, k._multi_lora_expand_kernel]
+                assert fused[1].constexprs["HAS_COL_SCALE"] == cs == composite[1].constexprs["HAS_COL_SCALE"]
 
 
 # ------------------------------------------------------------------------------------------- layering

@@ -74,7 +74,7 @@ def _peft_logits(base, path, ids):
 
 # ------------------------------------------------------------------------------------------ serving
 
-@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "native", "triton", "composite"])
 def test_mixed_batch_matches_peft_per_sequence(base, adapters, backend):
     require_backend(backend, "cpu")
     mm = MultiLoRAModel(copy.deepcopy(base), max_loras=4, max_rank=8, backend=backend).eval()
@@ -93,31 +93,40 @@ def test_mixed_batch_matches_peft_per_sequence(base, adapters, backend):
     assert not torch.allclose(ours[0], plain[0], atol=1e-3)
 
 
-def test_layer_rows_by_kind():
+@pytest.mark.parametrize("backend", ["torch", "native", "triton", "composite"])
+def test_layer_rows_by_kind(monkeypatch, backend):
     """The layer alone: DoRA rows = the reference `dora_linear_forward`, plain rows = LoRA, -1 rows = base;
-    a batch whose slots hold no DoRA adapter runs no rescale at all; M = 0."""
+    the op gets dora_scale as its col_scale (no separate rescale) only when a DoRA slot may be in the batch;
+    M = 0."""
+    require_backend(backend, "cpu")
+    import lora_kernels.layers.multi_lora as layer_mod
     torch.manual_seed(0)
     base = torch.nn.Linear(20, 12)
-    layer = MultiLoRALinear(base, 4, 5, backend="torch")
+    layer = MultiLoRALinear(base, 4, 5, backend=backend)
     A, B, m = torch.randn(5, 20), torch.randn(12, 5) * 0.2, torch.rand(12) + 0.5
     A2, B2 = torch.randn(3, 20), torch.randn(12, 3)
     layer.set_slot(1, A, B, 0.7, magnitude=m)
     layer.set_slot(3, A2, B2, 1.5)
     x = torch.randn(6, 20)
-    calls = []
-    real = layer._rescale
-    layer._rescale = lambda *a, **k: calls.append(1) or real(*a, **k)
+    seen, rescaled = [], []
+    for name in ("multi_lora_linear", "run_linear"):
+        real = getattr(layer_mod, name)
+        monkeypatch.setattr(layer_mod, name,
+                            lambda *a, _real=real, **k: seen.append(k.get("col_scale")) or _real(*a, **k))
+    real_rescale = layer._rescale  # still the training path's (StepBatch), not the serving path's
+    monkeypatch.setattr(layer, "_rescale", lambda *a, **k: rescaled.append(1) or real_rescale(*a, **k))
     with torch.no_grad():
-        y = layer(x, LoRABatch.from_token_adapters([1, -1, 3, 1, 3, -1], 4))
-        torch.testing.assert_close(y[[0, 3]], dora_linear_forward(x[[0, 3]], base.weight, base.bias, A, B, m, 0.7))
-        torch.testing.assert_close(y[[2, 4]], base(x[[2, 4]]) + 1.5 * x[[2, 4]] @ A2.T @ B2.T)
-        torch.testing.assert_close(y[[1, 5]], base(x[[1, 5]]))
-        assert calls == [1]
-        # Through the context with the batch's slots known: no DoRA slot among them, no extra pass.
+        for _ in range(2):  # the first call runs the full check, the second the checked fast path
+            y = layer(x, LoRABatch.from_token_adapters([1, -1, 3, 1, 3, -1], 4))
+            torch.testing.assert_close(y[[0, 3]], dora_linear_forward(x[[0, 3]], base.weight, base.bias, A, B, m, 0.7))
+            torch.testing.assert_close(y[[2, 4]], base(x[[2, 4]]) + 1.5 * x[[2, 4]] @ A2.T @ B2.T)
+            torch.testing.assert_close(y[[1, 5]], base(x[[1, 5]]))
+        assert len(seen) == 2 and all(g is layer.dora_scale for g in seen) and not rescaled
+        # Through the context with the batch's slots known: no DoRA slot among them, no column scale.
         layer.context.batch = LoRABatch.from_token_adapters([3, -1], 4)
         layer.context.slots = frozenset({3, -1})
         y2 = layer(x[:2])
-        assert calls == [1]
+        assert len(seen) == 3 and seen[-1] is None and not rescaled
         torch.testing.assert_close(y2[0], base(x[0]) + 1.5 * x[0] @ A2.T @ B2.T)
         layer.context.batch = layer.context.slots = None
         # M = 0.
@@ -126,14 +135,17 @@ def test_layer_rows_by_kind():
     assert layer(x[:0], step).shape == (0, 12)
 
 
+@pytest.mark.parametrize("backend", ["torch", "native", "triton", "composite"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_16bit_rescale_rounds_once(dtype):
-    """16-bit: the rescale runs in float32 and rounds once, so plain and -1 rows are bit-identical to a layer
-    without DoRA, and DoRA rows are within one rounding of the float32 reference (plus the op's own)."""
+def test_16bit_rescale_rounds_once(dtype, backend):
+    """16-bit: the column scale and the bias apply in float32 to the unrounded x W0ᵀ + LoRA and y rounds once,
+    so plain and -1 rows (g = 1) are within one 16-bit rounding of a layer without DoRA (which adds the bias
+    before rounding too), and DoRA rows within one rounding of the float32 reference (plus the op's own)."""
+    require_backend(backend, "cpu")
     torch.manual_seed(0)
     base = torch.nn.Linear(64, 48).to(dtype)
     A, B, m = torch.randn(4, 64) / 8, torch.randn(48, 4) / 4, torch.rand(48) + 0.5
-    layers = [MultiLoRALinear(base, 2, 4, backend="torch") for _ in range(2)]
+    layers = [MultiLoRALinear(base, 2, 4, backend=backend) for _ in range(2)]
     for layer in layers:
         layer.set_slot(1, A, B, 2.0)
     layers[0].set_slot(0, A, B, 2.0, magnitude=m)
@@ -143,9 +155,160 @@ def test_16bit_rescale_rounds_once(dtype):
         y, plain = (layer(x, batch) for layer in layers)
         ref = dora_linear_forward(x[[0, 3]].float(), base.weight.float(), base.bias.float(), A.to(dtype).float(),
                                   B.to(dtype).float(), m, 2.0)
-    assert y.dtype == dtype and torch.equal(y[[1, 2, 4]], plain[[1, 2, 4]])
+    # One 16-bit ulp at these magnitudes (|y| < 4): 2^-7 · 4 (bf16), 2^-10 · 4 (fp16).
+    eps = {torch.bfloat16: 2 ** -5, torch.float16: 2 ** -8}[dtype]
+    assert y.dtype == dtype
+    torch.testing.assert_close(y[[1, 2, 4]], plain[[1, 2, 4]], atol=eps, rtol=0)
     tol = {torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]
     torch.testing.assert_close(y[[0, 3]].float(), ref, atol=tol, rtol=tol)
+
+
+# ------------------------------------------------------------------------------------------ col_scale (the op)
+
+# (T, in, slice widths, R, L, ranks or None): odd shapes and ranks, rank 1, a rank-0 slot, several slices, more
+# slices than one Triton launch takes (5 > MAX_SLICES = 4: the fused path hands over to the composite), M = 0.
+COL_SCALE_CASES = {
+    "odd": (37, 40, (24, 9), 5, 3, (5, 0, 3)),
+    "rank1": (19, 33, (17,), 1, 2, None),
+    "r20": (70, 24, (30,), 20, 4, (20, 17, 1, 9)),
+    "qkv": (23, 32, (16, 8, 8), 6, 5, (6, 2, 0, 4, 3)),
+    "five_slices": (11, 16, (5, 7, 3, 9, 4), 3, 2, None),
+    "empty": (0, 16, (12,), 4, 3, None),
+}
+COL_SCALE_TOL = {torch.float32: (2e-5, 2e-5),
+                 # bf16: the op rounds y once (8-bit mantissa: 2^-8 relative), on top of bf16 inputs whose
+                 # products accumulate in float32; 3e-2 absolute covers |y| up to ~4 at one rounding plus the
+                 # interpreter's truncation (another 2^-8).
+                 torch.bfloat16: (3e-2, 2e-2)}
+
+
+def _col_scale_problem(case, dtype, bias=True):
+    T, K, widths, R, L, ranks = COL_SCALE_CASES[case]
+    g = torch.Generator().manual_seed(sum(map(ord, case)))
+    rnd = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    x = rnd(T, K).to(dtype)
+    N = sum(widths)
+    W = (rnd(N, K) / K ** 0.5).to(dtype)
+    b = rnd(N).to(dtype) if bias else None
+    A = [(rnd(L, R, K) / K ** 0.5).to(dtype) for _ in widths]
+    B = [(rnd(L, n, R) / R ** 0.5).to(dtype) for n in widths]
+    sc = torch.rand(L, generator=g) + 0.5
+    ta = torch.randint(-1, L, (T,), generator=g)
+    # g far from 1 (in [2, 5)) for every slot and for the -1 row, so ignoring any part of it cannot pass.
+    cs = torch.rand(L + 1, N, generator=g) * 3 + 2
+    rk = None if ranks is None else torch.tensor(ranks, dtype=torch.int32)
+    return x, W, b, A, B, sc, ta, rk, cs
+
+
+def _col_scale_reference(x, W, b, A, B, sc, ta, rk, cs):
+    """float64: col_scale[l_t] ⊙ (x W0ᵀ + LoRA) + b (reference.multi_lora_linear_forward without the bias)."""
+    from lora_kernels.reference import multi_lora_linear_forward
+    d = torch.float64
+    x2 = x.reshape(-1, x.shape[-1])
+    y = multi_lora_linear_forward(x2.to(d), W.to(d), None, [a.to(d) for a in A], [t.to(d) for t in B], sc.to(d), ta,
+                                  rk)
+    key = torch.where(ta >= 0, ta, cs.shape[0] - 1)
+    y = y * cs.to(d)[key]
+    return y if b is None else y + b.to(d)
+
+
+@pytest.fixture
+def _poison(monkeypatch):
+    """NaN in every output buffer the Triton kernels allocate: an element they skip fails the comparison."""
+    try:
+        import lora_kernels.kernels.multi_lora as k
+    except ImportError:  # no triton: nothing to poison
+        return
+    monkeypatch.setattr(k, "POISON_OUTPUTS", True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "triton", "composite"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(COL_SCALE_CASES))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_col_scale_matches_reference(_poison, backend, dtype, case, bias):
+    """multi_lora_linear(col_scale=g) = g[l_t] ⊙ (x W0ᵀ + LoRA) + b (float64 reference) on every backend, with g
+    far from 1 on every row (the -1 tokens' row L too, and a rank-0 slot's rows); and it is not the plain op's
+    result (a backend that ignored g fails)."""
+    require_backend(backend, "cpu")
+    x, W, b, A, B, sc, ta, rk, cs = _col_scale_problem(case, dtype, bias)
+    batch = LoRABatch.from_token_adapters(ta, len(sc))
+    with torch.no_grad():
+        y = lk.ops.multi_lora.multi_lora_linear(x, W, b, A, B, sc, batch, rk, backend=backend, col_scale=cs)
+        plain = lk.ops.multi_lora.multi_lora_linear(x, W, b, A, B, sc, batch, rk, backend=backend)
+    ref = _col_scale_reference(x, W, b, A, B, sc, ta, rk, cs)
+    assert y.dtype == dtype and y.shape == ref.shape
+    atol, rtol = COL_SCALE_TOL[dtype]
+    torch.testing.assert_close(y.double(), ref, atol=atol, rtol=rtol)  # NaN never passes (equal_nan=False)
+    if y.numel():
+        assert (y.double() - plain.double()).abs().max() > 1.0
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "triton", "composite"])
+def test_col_scale_leading_dims_and_strides(_poison, backend):
+    """x [2, 3, 5, in] (leading dims) and a non-contiguous x (a column slice of a wider tensor)."""
+    require_backend(backend, "cpu")
+    x, W, b, A, B, sc, ta, rk, cs = _col_scale_problem("odd", torch.float32)
+    x = x[:30]
+    ta = ta[:30]
+    wide = torch.randn(30, 2 * x.shape[1])
+    wide[:, 1::2] = x
+    xs = wide[:, 1::2]
+    batch = LoRABatch.from_token_adapters(ta, len(sc))
+    ref = _col_scale_reference(x, W, b, A, B, sc, ta, rk, cs)
+    with torch.no_grad():
+        y = lk.ops.multi_lora.multi_lora_linear(x.reshape(2, 3, 5, -1), W, b, A, B, sc, batch, rk, backend=backend,
+                                                col_scale=cs)
+        y2 = lk.ops.multi_lora.multi_lora_linear(xs, W, b, A, B, sc, batch, rk, backend=backend, col_scale=cs)
+    assert y.shape == (2, 3, 5, W.shape[0])
+    torch.testing.assert_close(y.reshape(30, -1).double(), ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(y2.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_col_scale_bad_input_raises_before_any_kernel(monkeypatch):
+    """Wrong shape / dtype / type: a ValueError naming col_scale and the expected shape, before any backend."""
+    from lora_kernels.ops import multi_lora as om
+    x, W, b, A, B, sc, ta, rk, cs = _col_scale_problem("odd", torch.float32)
+    batch = LoRABatch.from_token_adapters(ta, len(sc))
+    boom = {n: (lambda *a, **k: pytest.fail("a backend ran on bad input")) for n in om.LINEAR}
+    monkeypatch.setattr(om, "LINEAR", boom)
+    for bad in (cs[:-1], cs[:, :-1], cs.T.contiguous(), cs.half(), cs.to(torch.int32), cs[0], "g"):
+        with pytest.raises(ValueError, match=r"col_scale must be None or a tensor of shape \[L\+1=4, out=33\]"):
+            om.multi_lora_linear(x, W, b, A, B, sc, batch, rk, backend="torch", col_scale=bad)
+    # The kernel backends take float32 only (float64 is the torch backend's for float64 inputs).
+    with pytest.raises(ValueError, match=r"col_scale must be .* in torch.float32 for backend='triton'"):
+        om.multi_lora_linear(x, W, b, A, B, sc, batch, rk, backend="triton", col_scale=cs.double())
+
+
+def test_native_op_checks_col_scale():
+    """The C++ op's own check (it is also reachable directly): shape and dtype named."""
+    require_backend("native", "cpu")
+    x, W, b, A, B, sc, ta, rk, cs = _col_scale_problem("odd", torch.float32)
+    bt = LoRABatch.from_token_adapters(ta, len(sc)).op_args()
+    with pytest.raises(RuntimeError, match=r"col_scale must be None or a tensor of shape \[L\+1=4, out=33\]"):
+        torch.ops.lora_kernels.native_multi_lora_linear(x, W, b, A, B, sc, *bt, rk, cs[:2])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_col_scale_with_autograd_and_compile(backend):
+    """With a gradient the scale is applied after the (differentiable) op: the gradients of x, A and B equal
+    the float64 reference's; the registered op (torch.compile, opcheck) takes col_scale too."""
+    require_backend(backend, "cpu")
+    x, W, b, A, B, sc, ta, rk, cs = _col_scale_problem("qkv", torch.float32)
+    batch = LoRABatch.from_token_adapters(ta, len(sc))
+    leaves = [t.clone().requires_grad_() for t in (x, *A, *B)]
+    y = lk.ops.multi_lora.multi_lora_linear(leaves[0], W, b, leaves[1:4], leaves[4:], sc, batch, rk, backend=backend,
+                                            col_scale=cs)
+    ref_leaves = [t.double().requires_grad_() for t in (x, *A, *B)]
+    ref = _col_scale_reference(ref_leaves[0], W, b, ref_leaves[1:4], ref_leaves[4:], sc, ta, rk, cs)
+    dy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3))
+    torch.autograd.backward(y, dy)
+    torch.autograd.backward(ref, dy.double())
+    for ours, theirs in zip(leaves, ref_leaves):
+        torch.testing.assert_close(ours.grad.double(), theirs.grad, atol=1e-4, rtol=1e-4)
+    bt = batch.op_args()
+    torch.library.opcheck(lk.ops.multi_lora.multi_lora_linear_op,
+                          (x, W, b, A, B, sc, *bt, rk, backend, cs), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_set_slot_checks_magnitude():

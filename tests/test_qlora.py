@@ -141,6 +141,52 @@ def test_native_fused_gemv_never_dequantizes(monkeypatch):
     assert y.shape == (qlora.GEMV_MAX_M, 608) and not calls
 
 
+@pytest.mark.parametrize("M", [0, 3, 40], ids=lambda m: f"M{m}")
+def test_native_blocked_ops_match_reference(M):
+    """The C++ row-blocked paths (M > GEMV_MAX_M) over several 1 MB blocks of W0 whose starts fall inside a
+    64-value absmax block (in = 999: blocks cross rows, an odd value count), the dx op, and the nested absmax
+    op bit-exact with the reference; NaN in x propagates."""
+    if not qlora.HAS_NATIVE_QUANT:
+        pytest.skip("the C++ extension lora_kernels._C is not built (pip install --no-build-isolation -e .)")
+    shape = (701, 999)  # 262 rows a block: blocks start at flat 261738 = 64·4089 + 42, ...
+    qw, _, _ = quantized(shape, "nf4", nested=True)
+    fmt, (codes, absmax, n_absmax, n_code, n_offset) = qw.fmt, qw.tensors()
+    a = qlora._absmax_native(fmt, absmax, n_absmax, n_code, n_offset)
+    assert torch.equal(a, quant.resolve_absmax(fmt, absmax, n_absmax, n_code, n_offset))
+    table = quant.table("nf4", a.device)
+    W = qw.dequantize().double()
+    torch.manual_seed(0)
+    x, g = torch.randn(M, shape[1]), torch.randn(M, shape[0])
+    y = torch.ops.lora_kernels.native_quant4_linear(x, codes, a, table, None, shape[0])
+    dx = torch.ops.lora_kernels.native_quant4_linear_dx(g, codes, a, table, shape[1])
+    assert y.shape == (M, shape[0]) and dx.shape == (M, shape[1])
+    torch.testing.assert_close(y.double(), x.double() @ W.T, rtol=RTOL, atol=ATOL * 10)
+    torch.testing.assert_close(dx.double(), g.double() @ W, rtol=RTOL, atol=ATOL * 10)
+    if M:
+        x[M // 2, 5] = float("nan")
+        y = torch.ops.lora_kernels.native_quant4_linear(x, codes, a, table, None, shape[0])
+        assert y[M // 2].isnan().all() and not y[M // 2 - 1].isnan().any()
+    with pytest.raises(RuntimeError, match="absmax must be"):
+        torch.ops.lora_kernels.native_quant4_linear_dx(g, codes, a[:-1], table, shape[1])
+    if M == 40:  # the "native" backend's forward and dx never build a dense W0 for float32
+        def no_dense(*args):
+            raise AssertionError("dense dequantize called")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(qlora, "_deq_native", no_dense)
+            mp.setattr(qlora, "_deq_torch", no_dense)
+            xg = torch.randn(M, shape[1], requires_grad=True)
+            A, B = torch.randn(4, shape[1], requires_grad=True), torch.randn(shape[0], 4, requires_grad=True)
+            qlora_linear(xg, qw, None, A, B, 0.5, 0.1, training=True, backend="native").backward(g)
+        assert xg.grad.isfinite().all() and A.grad.isfinite().all() and B.grad.isfinite().all()
+    if M == 3:  # schemas and fakes of the ops the native backend calls
+        ops, utils = torch.ops.lora_kernels, ("test_schema", "test_faketensor")
+        torch.library.opcheck(ops.native_quant4_linear_dx.default, (g, codes, a, table, shape[1]), test_utils=utils)
+        torch.library.opcheck(ops.native_quant4_linear.default, (x, codes, a, table, None, shape[0]), test_utils=utils)
+        torch.library.opcheck(ops.native_quant4_absmax.default, (absmax, n_absmax, n_code.float(),
+                                                                 n_offset.float().reshape(1), fmt.nested_blocksize),
+                              test_utils=utils)
+
+
 def test_compile_fullgraph_through_registered_ops():
     from torch._dynamo.backends.common import aot_autograd
     graphs = []

@@ -93,6 +93,35 @@ def test_fused_gemm_matches_reference(has_bias, R, M, dtype):
     assert_close_to_ref(y, reference_y(x, qw, bias, A, B, 0.75), dtype, "y")
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no_dropout", "dropout"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [0, 1, 17])
+@pytest.mark.parametrize("R", [1, 3, 16])
+def test_fused_backward_matches_reference(R, M, dtype, dropout):
+    """dx = G deq(W0) + (dS A) ⊙ m / (1-p) by the W4A16 GEMM reading W0 transposed (no dense copy), dA and dB,
+    against lora_linear's torch backward in float64 on the dequantized weight with the same dropout seed."""
+    from lora_kernels.dropout import new_seed
+    from lora_kernels.ops import lora_linear as lora_ops
+    from lora_kernels.ops.plumbing import seed_tensor
+
+    shape = (70, 90)  # in % 64 != 0: scale blocks cross rows inside the transposed tiles too
+    qw = make_qweight(shape, "nf4" if R != 3 else "fp4", nested=R != 1, dtype=torch.float32, seed=R)
+    torch.manual_seed(M + R)
+    x = torch.randn(M, shape[1], dtype=dtype, device=DEVICE)
+    G = torch.randn(M, 2 * shape[0], dtype=dtype, device=DEVICE)[:, ::2]  # non-contiguous dy
+    A = torch.randn(R, shape[1], dtype=dtype, device=DEVICE) / 8
+    B = torch.randn(shape[0], R, dtype=dtype, device=DEVICE) / 8
+    seed = seed_tensor(new_seed()) if dropout else None
+    seed_int = None if seed is None else int(seed.item())
+    _, S = kq.qlora_linear_fwd_triton(x, qw, None, A, B, 0.75, dropout, seed_int)
+    dx, dA, dB = kq.qlora_linear_bwd_triton(G, x, qw, A, B, S, 0.75, dropout, seed_int, True, True, True)
+    want = lora_ops.torch_bwd(G.double(), x.double(), qw.dequantize(dtype).double(), A.double(), B.double(),
+                              S.double(), 0.75, dropout, seed, True, True, True)
+    for name, got, ref in zip(("dx", "dA", "dB"), (dx, dA, dB), want):
+        assert got.dtype == dtype
+        assert_close_to_ref(got, ref, dtype, name)
+
+
 @pytest.mark.parametrize("config", kq.gemm_configs(64, 2), ids=str)
 def test_every_shipped_16bit_config(config):
     shape = (130, 200)
@@ -123,8 +152,7 @@ def test_split_k_and_an_unwritten_output_fails(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 def test_op_triton_backend_forward_and_grads(dtype):
-    """qlora_linear(backend="triton"): the fused forward, and the backward (dequantize kernel + lora_linear's
-    Triton backward) against the "torch" backend."""
+    """qlora_linear(backend="triton"): the fused forward and backward (no dense W0) against the "torch" backend."""
     shape = (48, 72)
     qw = make_qweight(shape, "nf4", nested=True, dtype=torch.float16)
     torch.manual_seed(1)

@@ -3,7 +3,9 @@
 // slot's A/B rows directly, so nothing is gathered or sorted and nothing depends on host-side values (no sync,
 // CUDA-graph capturable). One shrink launch per slice (into S's column block i), one expand launch per slice
 // (into y's columns c_i ..); multi_lora_linear adds the expand to the cuBLAS base GEMM's output in place.
+#include <ATen/ops/index_select.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/where.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/launch.h"
@@ -76,17 +78,26 @@ void lora_expand_cuda(const Tensor& S, TensorList B_stacks, const Tensor& token_
 Tensor multi_lora_linear_cuda(const Tensor& x, const Tensor& weight, const OptTensor& bias, TensorList A_stacks,
                               TensorList B_stacks, const Tensor& scalings, const Tensor& token_adapter,
                               const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                              const Tensor&, const OptTensor& ranks) {
+                              const Tensor&, const OptTensor& ranks, const OptTensor& col_scale) {
   check_multi_linear_args(x, weight, bias, A_stacks, B_stacks, scalings, token_adapter, ranks, /*cuda=*/true);
   const MultiShape s = check_shrink_args(x, A_stacks, token_adapter, ranks, /*cuda=*/true);
+  check_col_scale(col_scale, x, A_stacks[0], s.L, weight.size(0), /*cuda=*/true);
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor xr = rows_contiguous(x);
-  Tensor y = at::linear(xr, weight, bias);
+  const bool scaled = col_scale.has_value();
+  Tensor y = at::linear(xr, weight, scaled ? OptTensor() : bias);
   if (y.stride(-1) != 1) y = y.contiguous();
-  if (s.T == 0) return y;
-  const Tensor S = shrink_into_new(xr, A_stacks, token_adapter, ranks, s);
-  expand_into(S, B_stacks, token_adapter, y, scalings, ranks, 0);
-  return y;
+  if (s.T > 0) {
+    const Tensor S = shrink_into_new(xr, A_stacks, token_adapter, ranks, s);
+    expand_into(S, B_stacks, token_adapter, y, scalings, ranks, 0);
+  }
+  if (!scaled) return y;
+  // The per-slot column scale by ATen ops here (a gather of its rows and a pass over y, y rounded twice): the
+  // fused epilogues are the Triton backends' ("triton" / "composite").
+  const Tensor key = at::where(token_adapter.ge(0), token_adapter, s.L).to(at::kLong);
+  Tensor out = y.to(at::kFloat).mul_(at::index_select(*col_scale, 0, key));
+  if (bias.has_value()) out.add_(bias->to(at::kFloat));
+  return out.to(y.scalar_type());
 }
 
 }  // namespace lora_kernels

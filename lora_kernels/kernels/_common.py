@@ -31,6 +31,16 @@ def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return first_m + (pid % group_size) % group_m, (pid % group_size) // group_m
 
 
+@triton.jit
+def gemm_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n, offs_m, offs_n, mask_m, mask_n) of this program's [BLOCK_M, BLOCK_N] output tile of an
+    [M, N] GEMM on a 1-D grid in grouped order (`grouped_tile`); offsets in 64 bits."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m, pid_n, offs_m, offs_n, offs_m < M, offs_n < N
+
+
 def dot_type(dtype: torch.dtype):
     """The tl type a dot over `dtype` operands runs in.
 

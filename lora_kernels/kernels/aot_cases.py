@@ -113,6 +113,11 @@ def multi_lora_meta(T: int, K: int, widths, R: int, L: int, dtype, has_ranks: bo
             bt, torch.empty(L, dtype=torch.float32, **_META), torch.empty(L, dtype=i32, **_META) if has_ranks else None)
 
 
+def multi_lora_meta_col_scale(L: int, N: int):
+    """A per-slot column scale [L + 1, N] float32 (DoRA's g) as a meta tensor."""
+    return torch.empty(L + 1, N, dtype=torch.float32, **_META)
+
+
 def multi_lora_meta_dropout(L: int) -> km.SlotDropout:
     """Per-slot dropout of L slots (threshold and keep scale) as meta tensors."""
     return km.SlotDropout(_SEED, torch.empty(L, dtype=torch.int32, **_META),
@@ -135,6 +140,17 @@ def _multi_lora_aot():
     for dtype, T, widths, has_ranks in itertools.product(dtypes, (16, 4096), layers, (False, True)):
         x, W, bias, A, B, S, y, bt, sc, ranks = multi_lora_meta(T, K, widths, 16, L, dtype, has_ranks, False)
         yield from (km._expand_launch(S, B, 0, y, 0, bt, sc, ranks, bn) for bn in km._EXPAND_BLOCK_N[y.element_size()])
+    # The per-slot column scale (multi-adapter DoRA serving) in the fused GEMM's epilogue at every GEMM tile, and
+    # in the composite's expand (bias added there) at both tile heights and every BLOCK_N, with and without a bias.
+    for dtype, T, widths, has_bias in itertools.product(dtypes, (1, 16, 64, 128, 256, 512, 4096), layers,
+                                                        (False, True)):
+        x, W, bias, A, B, S, y, bt, sc, ranks = multi_lora_meta(T, K, widths, 16, L, dtype, True, has_bias)
+        cs = multi_lora_meta_col_scale(L, sum(widths))
+        yield from km.plan_linear(x, W, bias, S, B, y, bt, sc, ranks, cs)
+        if T in (16, 4096):  # every BLOCK_N the launcher can take with col_scale
+            yield from (km._expand_launch(S, B, 0, y, 0, bt, sc, ranks, bn, col_scale=cs, bias=bias)
+                        for bn in sorted({km._expand_block_n(T, n, y.element_size(), col_scale=True)
+                                          for n in (16, 1 << 20)}))
     # Training (the backward kernels always read a ranks vector): T = 16 / 4096 give both tile heights, with
     # split (atomic) and deterministic plans.
     drop = multi_lora_meta_dropout(L)
@@ -159,7 +175,8 @@ MULTI_LORA_REPORT_BWD_TOKENS = (64, 4096)
 
 def _multi_lora_report():
     """The fused path (shrink + fused GEMM), the composite's Triton launches (shrink + expand; its base GEMM is
-    cuBLAS), and the backward's (dS/dB, dA, dx's expand, the casts to bf16; dx = G W0 is cuBLAS) without and
+    cuBLAS), both again with DoRA's per-slot column scale ("[fused,col_scale]", "[composite,col_scale]"), and
+    the backward's (dS/dB, dA, dx's expand, the casts to bf16; dx = G W0 is cuBLAS) without and
     with dropout. Case names: "multi_lora_linear[fused|composite] q 4096->4096 T=64 r=16 bf16 L=64",
     "multi_lora_linear[bwd] q 4096->4096 T=64 r=16 bf16 L=64 p=0.1"."""
     R, L = 16, 64
@@ -171,6 +188,12 @@ def _multi_lora_report():
                 yield f"multi_lora_linear[fused] {case}", launch
             for launch in km.plan_composite(x, A, B, S, y, bt, sc, ranks):
                 yield f"multi_lora_linear[composite] {case}", launch
+            # Multi-adapter DoRA serving: the same with the per-slot column scale in the epilogues.
+            cs = multi_lora_meta_col_scale(L, sum(widths))
+            for launch in km.plan_fused(x, W, bias, A, B, S, y, bt, sc, ranks, col_scale=cs):
+                yield f"multi_lora_linear[fused,col_scale] {case}", launch
+            for launch in km.plan_composite(x, A, B, S, y, bt, sc, ranks, col_scale=cs):
+                yield f"multi_lora_linear[composite,col_scale] {case}", launch
             if T not in MULTI_LORA_REPORT_BWD_TOKENS:
                 continue
             for p, drop in ((0.0, None), (0.1, multi_lora_meta_dropout(L))):
@@ -202,7 +225,8 @@ def qlora_meta(M, K, N, R, x_dtype, lora_dtype, quant_type="nf4", nested=True, w
 def _qlora_aot():
     """The fused W4A16 forward at every dtype pair, GEMM class (M), BLOCK_R, nested or not and weight dtype
     (x's or float32), at the launcher's pick and every shipped config; the dequantize kernel at every
-    (nested, weight dtype, output dtype). The backward is lora_linear's kernels on the dequantized W0."""
+    (nested, weight dtype, output dtype); the backward (dx by the same GEMM reading W0 transposed, with and
+    without the dropout epilogue)."""
     from lora_kernels.kernels import qlora as kq
 
     K, N = 4096, 4096
@@ -212,8 +236,13 @@ def _qlora_aot():
                                                               (False, True)):
             for M, R in itertools.product((1, 64, 4096), (16, 64)):
                 x, qw, b, A, B = qlora_meta(M, K, N, R, x_dtype, lora_dtype, "nf4", nested, w_dtype)
+                S = torch.empty(M, R, dtype=torch.float32, **_META)
+                G = torch.empty(M, N, dtype=x_dtype, **_META)
                 for cfg in (None, *kq.gemm_configs(M, x.element_size())):
                     yield from kq.plan_fwd(x, qw, b, A, B, 2.0, 0.0, None, False, cfg)[0]
+                    for p in (0.0, 0.1):  # dx: the dropout mask in the epilogue or not
+                        yield from kq.plan_bwd(G, x, qw, A, B, S, 2.0, p, _SEED if p else None, True, True, True,
+                                               False, cfg)[0]
             yield from kq.plan_dequant(qlora_meta(1, K, N, 16, x_dtype, x_dtype, "nf4", nested, w_dtype)[1],
                                        x_dtype)[0]
 
@@ -225,7 +254,8 @@ QLORA_REPORT_SHAPES = ((4096, 4096), (14336, 4096))
 
 
 def _qlora_report():
-    """The fused forward (shrink + W4A16 GEMM [+ split sum]) and the composite's / backward's dequantize.
+    """The fused forward (shrink + W4A16 GEMM [+ split sum]), the fused backward with dropout (dS / dB, the
+    W4A16 GEMM for dx, dA) and the composite's dequantize.
     Case names: "qlora_linear fwd fused x=bf16 nf4-nested M=16 4096->4096 r=16"."""
     from lora_kernels.kernels import qlora as kq
 
@@ -234,6 +264,9 @@ def _qlora_report():
         x, qw, b, A, B = qlora_meta(M, K, N, R, torch.bfloat16, torch.bfloat16)
         for launch in kq.plan_fwd(x, qw, None, A, B, 2.0, 0.0, None)[0]:
             yield f"qlora_linear fwd fused x=bf16 nf4-nested M={M} {K}->{N} r={R}", launch
+        S, G = torch.empty(M, R, dtype=torch.float32, **_META), torch.empty(M, N, dtype=torch.bfloat16, **_META)
+        for launch in kq.plan_bwd(G, x, qw, A, B, S, 2.0, 0.1, _SEED, True, True, True)[0]:
+            yield f"qlora_linear bwd fused x=bf16 nf4-nested M={M} {K}->{N} r={R} p=0.1", launch
     for K, N in QLORA_REPORT_SHAPES:
         qw = qlora_meta(1, K, N, R, torch.bfloat16, torch.bfloat16)[1]
         for launch in kq.plan_dequant(qw)[0]:
@@ -241,11 +274,58 @@ def _qlora_report():
 
 
 # --------------------------------------------------------------------------------------------------
+# dora (kernels/dora.py)
+# --------------------------------------------------------------------------------------------------
+
+def dora_case(M, K, N, R, x_dtype, lora_dtype, dropout_p, norm=True, deterministic=False, config=None):
+    """{phase: launches} of one DoRA problem: the fused forward (n in the GEMM, or given) and backward."""
+    from lora_kernels.kernels import dora as kd
+
+    x, W, b, A, B, S, G = lora_linear_meta(M, K, N, R, x_dtype, lora_dtype)
+    m = torch.empty(N, dtype=torch.float32, **_META)
+    seed = _SEED if dropout_p > 0 else None
+    return {
+        "fwd": kd.plan_fwd(x, W, b, A, B, m, None, None if norm else m, 2.0, dropout_p, seed, 0.01, deterministic,
+                           config)[0],
+        "bwd": kd.plan_bwd(G, G, x, W, A, B, S, 2.0, dropout_p, seed, True, True, True, deterministic, config)[0],
+    }
+
+
+def _dora_aot():
+    """Every dtype pair, GEMM class (M) and norm width (R), with and without dropout, the norm computed or given,
+    at the launcher's pick and every shipped DoRA config."""
+    from lora_kernels.kernels import dora as kd
+
+    K, N = 4096, 4096
+    for x_dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for lora_dtype in sorted({x_dtype, torch.float32}, key=str):
+            for M, R, p, norm in itertools.product((1, 64, 4096), (16, 64), (0.0, 0.1), (True, False)):
+                for cfg in (None, *kd.gemm_configs(M, torch.empty((), dtype=x_dtype).element_size(), p > 0)):
+                    for launches in dora_case(M, K, N, R, x_dtype, lora_dtype, p, norm, False, cfg).values():
+                        yield from launches
+
+
+# The static report's DoRA cases: the headline layer (4096 -> 4096, bf16, rank 16) in training (the norm in the
+# GEMM, dropout 0.1 and none) at a decode-ish and a prefill size.
+DORA_REPORT_M = (16, 128, 1024)
+
+
+def _dora_report():
+    """Case names: "dora_linear fwd x=bf16 M=128 4096->4096 r=16 p=0.1"."""
+    K, N, R = 4096, 4096, 16
+    for M, p in itertools.product(DORA_REPORT_M, (0.0, 0.1)):
+        for phase, launches in dora_case(M, K, N, R, torch.bfloat16, torch.bfloat16, p).items():
+            for launch in launches:
+                yield f"dora_linear {phase} x=bf16 M={M} {K}->{N} r={R} p={p:g}", launch
+
+
+# --------------------------------------------------------------------------------------------------
 # Every family
 # --------------------------------------------------------------------------------------------------
 
-_AOT = {"lora_linear": _lora_linear_aot, "multi_lora": _multi_lora_aot, "qlora": _qlora_aot}
-_REPORT = {"lora_linear": _lora_linear_report, "multi_lora": _multi_lora_report, "qlora": _qlora_report}
+_AOT = {"lora_linear": _lora_linear_aot, "multi_lora": _multi_lora_aot, "qlora": _qlora_aot, "dora": _dora_aot}
+_REPORT = {"lora_linear": _lora_linear_report, "multi_lora": _multi_lora_report, "qlora": _qlora_report,
+           "dora": _dora_report}
 FAMILIES = tuple(_AOT)  # the kernel families that ship Triton configs (kernels/<family>.py)
 
 

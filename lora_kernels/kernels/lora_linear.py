@@ -290,13 +290,19 @@ def _gemm_class(M: int) -> str:
     return "small" if M <= 16 else "medium" if M <= 512 else "large"
 
 
+def shipped_configs(table: dict, M: int, *key) -> list[tuple]:
+    """The configs of a {(M class, *key): config} table for M rows: the launcher's pick for (class of M, *key)
+    first, then the other configs of the same key a tuner may time (each is correct for every shape; the AOT
+    check compiles them all), each once."""
+    pick = table[(_gemm_class(M), *key)]
+    others = [c for (_, *k), c in table.items() if tuple(k) == key and c != pick]
+    return [pick] + sorted(set(others), key=others.index)
+
+
 def gemm_configs(M: int, elem_size: int, dropout: bool) -> list[tuple]:
     """The shipped GEMM tile configs (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) for M rows of
-    `elem_size`-byte activations, dropout in the epilogue or not: the launchers' own pick first, then the
-    others a tuner may time (each is correct for every shape; the AOT check compiles them all)."""
-    pick = _GEMM_CONFIGS[(_gemm_class(M), elem_size, dropout)]
-    others = [c for (_, e, d), c in _GEMM_CONFIGS.items() if e == elem_size and d == dropout and c != pick]
-    return [pick] + sorted(set(others), key=others.index)
+    `elem_size`-byte activations, dropout in the epilogue or not (`shipped_configs`)."""
+    return shipped_configs(_GEMM_CONFIGS, M, elem_size, dropout)
 
 
 def gemm_split_k(M: int, N: int, K: int, config: tuple) -> int:

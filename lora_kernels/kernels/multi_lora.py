@@ -3,6 +3,8 @@
     shrink  S[t, i·R + j] = x[t] · A_i[l, j]                     _multi_lora_shrink_kernel
     expand  y[t, c_i + n] += s_l · Σ_j S[t, i·R + j] B_i[l, n, j]  _multi_lora_expand_kernel
     fused   y = x W0ᵀ + b + expand                                _multi_lora_gemm_kernel
+    col_scale (HAS_COL_SCALE, DoRA serving): y[t] = g[l_t] ⊙ (x W0ᵀ + expand)[t] + b, g [L + 1, out] float32
+            applied in the fused GEMM's epilogue, or by the composite's expand (cuBLAS then leaves out the bias)
 
 Two paths compute multi_lora_linear: `multi_lora_linear_triton` (the shrink, then the fused GEMM with the
 expand in its epilogue: y written once) and `multi_lora_linear_composite` (cuBLAS for y = x W0ᵀ + b, then
@@ -203,13 +205,31 @@ def _expand_slices(acc, s_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr, N0, N1, N2, N3, t
     return acc
 
 
+@triton.jit
+def _scaled_rows(y_ptr, cs_ptr, bias_ptr, toks, mask_m, acc, row, offs_n, y_col0, N, stride_ym, stride_yn, stride_cs,
+                 HAS_BIAS: tl.constexpr):
+    """y[toks, y_col0 + offs_n] = col_scale[row, y_col0 + offs_n] ⊙ (y + acc) + b[y_col0 + offs_n]: one read and
+    one write of y, in float32, rounded once (y holds x W0ᵀ without the bias)."""
+    mask_n = offs_n < N
+    cols = y_col0 + offs_n
+    g = tl.load(cs_ptr + row.to(tl.int64) * stride_cs + cols, mask=mask_n, other=1.0).to(tl.float32)
+    y_ptrs = y_ptr + toks[:, None] * stride_ym + cols[None, :] * stride_yn
+    mask = mask_m[:, None] & mask_n[None, :]
+    out = (tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + acc) * g[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _multi_lora_expand_kernel(
     s_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr, y_ptr,
     sorted_ids_ptr, tile_slot_ptr, tile_start_ptr, tile_end_ptr, ranks_ptr, scalings_ptr, thr_ptr,
-    N0, N1, N2, N3, R, slice_base, y_col0, seed,
-    stride_sm, stride_sr, stride_ym, stride_yn,
+    cs_ptr, bias_ptr, seg_starts_ptr, seg_lens_ptr,
+    N0, N1, N2, N3, R, slice_base, y_col0, seed, T, L, NT,
+    stride_sm, stride_sr, stride_ym, stride_yn, stride_cs,
     HAS_RANKS: tl.constexpr, NUM_SLICES: tl.constexpr, DX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
     CT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
@@ -218,34 +238,66 @@ def _multi_lora_expand_kernel(
     Forward: width Σ N_i, term s_l · Σ_i S_i B_i[l]ᵀ (scalings_ptr = the scalings). DX (the backward's dx, with
     S = dS and A stacks [L, R, N0] for B): width N0 = in, term (Σ_i dS_i A_i[l]) ⊙ m / (1 - p_l) with the mask
     over (token, column) of y = dx regenerated (HAS_DROPOUT: threshold thr[slot], scalings_ptr = 1 / (1 - p)).
+
+    HAS_COL_SCALE (forward only; y holds x W0ᵀ without the bias): every row is rewritten as
+    y[t] = col_scale[l_t] ⊙ (y[t] + term) + b (HAS_BIAS), col_scale [L + 1, *] float32 with row L for the -1
+    tokens. Grid (NT + cdiv(T, BLOCK_M), ..): the programs past the NT tiles cover the -1 tokens, which sort last
+    (positions [P, T), P = seg_starts[L-1] + seg_lens[L-1]); tiles of rank-0 slots still scale their rows.
     """
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    slot = tl.load(tile_slot_ptr + pid_t)
-    slot_c = tl.maximum(slot, 0)
-    rank = _slot_rank(ranks_ptr, slot_c, R, HAS_RANKS)
-    if (slot >= 0) & (rank > 0):
-        if DX and not HAS_DROPOUT:
-            scale = 1.0
-        else:
-            scale = tl.load(scalings_ptr + slot_c)
-        toks, mask_m = _tile_tokens(sorted_ids_ptr, tile_start_ptr, tile_end_ptr, pid_t, BLOCK_M)
-        n_lo = pid_n.to(tl.int64) * BLOCK_N
-        offs_n = n_lo + tl.arange(0, BLOCK_N)
-        if DX:
-            N = N0
-        else:
-            N = N0 + N1 + N2 + N3
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = _expand_slices(acc, s_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr, N0, N1, N2, N3, toks, mask_m, slot, rank,
-                             scale, offs_n, n_lo, R, slice_base, stride_sm, stride_sr,
-                             NUM_SLICES, CT, PRECISION, BLOCK_N, BLOCK_R, DX)
-        if HAS_DROPOUT:
-            acc = tl.where(keep_mask(seed, tl.load(thr_ptr + slot_c), toks, n_lo, N, BLOCK_M, BLOCK_N), acc, 0.0)
-        y_ptrs = y_ptr + toks[:, None] * stride_ym + (y_col0 + offs_n)[None, :] * stride_yn
-        mask = mask_m[:, None] & (offs_n < N)[None, :]
-        y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=mask)
+    if HAS_COL_SCALE:
+        # One path for both kinds of program (two inlined copies of the epilogue spilled 8 B on sm_80, fp32, 4
+        # slices): a tile's rows [tile_start, tile_end) of its slot, or a -1 block [P + j·BLOCK_M, T) with row L
+        # of col_scale and rank 0 (no LoRA term); an unused tile gets an empty range.
+        slot = tl.load(tile_slot_ptr + pid_t, mask=pid_t < NT, other=-1)
+        is_tile = slot >= 0
+        none_start = tl.load(seg_starts_ptr + L - 1) + tl.load(seg_lens_ptr + L - 1) + (pid_t - NT) * BLOCK_M
+        start = tl.where(is_tile, tl.load(tile_start_ptr + pid_t, mask=is_tile, other=0), none_start)
+        end = tl.where(is_tile, tl.load(tile_end_ptr + pid_t, mask=is_tile, other=0),
+                       tl.where(pid_t >= NT, T, none_start))
+        if start < end:
+            slot_c = tl.maximum(slot, 0)
+            rank = tl.where(is_tile, _slot_rank(ranks_ptr, slot_c, R, HAS_RANKS), 0)
+            row = tl.where(is_tile, slot, L)
+            pos = start + tl.arange(0, BLOCK_M)
+            mask_m = pos < end
+            toks = tl.load(sorted_ids_ptr + pos, mask=mask_m, other=0).to(tl.int64)
+            n_lo = pid_n.to(tl.int64) * BLOCK_N
+            offs_n = n_lo + tl.arange(0, BLOCK_N)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = _expand_slices(acc, s_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr, N0, N1, N2, N3, toks, mask_m, slot_c,
+                                 rank, tl.load(scalings_ptr + slot_c), offs_n, n_lo, R, slice_base, stride_sm,
+                                 stride_sr, NUM_SLICES, CT, PRECISION, BLOCK_N, BLOCK_R, False)
+            _scaled_rows(y_ptr, cs_ptr, bias_ptr, toks, mask_m, acc, row, offs_n, y_col0, N0 + N1 + N2 + N3,
+                         stride_ym, stride_yn, stride_cs, HAS_BIAS)
+    else:
+        slot = tl.load(tile_slot_ptr + pid_t)
+        slot_c = tl.maximum(slot, 0)
+        rank = _slot_rank(ranks_ptr, slot_c, R, HAS_RANKS)
+        if (slot >= 0) & (rank > 0):
+            if DX and not HAS_DROPOUT:
+                scale = 1.0
+            else:
+                scale = tl.load(scalings_ptr + slot_c)
+            toks, mask_m = _tile_tokens(sorted_ids_ptr, tile_start_ptr, tile_end_ptr, pid_t, BLOCK_M)
+            n_lo = pid_n.to(tl.int64) * BLOCK_N
+            offs_n = n_lo + tl.arange(0, BLOCK_N)
+            if DX:
+                N = N0
+            else:
+                N = N0 + N1 + N2 + N3
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = _expand_slices(acc, s_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr, N0, N1, N2, N3, toks, mask_m, slot,
+                                 rank, scale, offs_n, n_lo, R, slice_base, stride_sm, stride_sr,
+                                 NUM_SLICES, CT, PRECISION, BLOCK_N, BLOCK_R, DX)
+            if HAS_DROPOUT:
+                acc = tl.where(keep_mask(seed, tl.load(thr_ptr + slot_c), toks, n_lo, N, BLOCK_M, BLOCK_N), acc,
+                               0.0)
+            y_ptrs = y_ptr + toks[:, None] * stride_ym + (y_col0 + offs_n)[None, :] * stride_yn
+            mask = mask_m[:, None] & (offs_n < N)[None, :]
+            y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,17 +307,20 @@ def _multi_lora_expand_kernel(
 @triton.jit
 def _multi_lora_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, s_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr, y_ptr,
-    token_adapter_ptr, sorted_ids_ptr, ranks_ptr, scalings_ptr,
+    token_adapter_ptr, sorted_ids_ptr, ranks_ptr, scalings_ptr, cs_ptr,
     T, N, N0, N1, N2, N3, K, R, L,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, NUM_SLICES: tl.constexpr, CT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_ym, stride_yn, stride_cs,
+    HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, NUM_SLICES: tl.constexpr, HAS_COL_SCALE: tl.constexpr,
+    CT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, RELOAD_ROWS: tl.constexpr,
 ):
     """y[T, N] = x W0ᵀ + b + Σ_{slots l in the tile} s_l · S[rows of l] B_lᵀ over tokens in sorted order.
 
     Grid (cdiv(T, BLOCK_M) · cdiv(N, BLOCK_N),). The epilogue covers slices N0..N3 (columns [0, Σ N_i)).
+    HAS_COL_SCALE (Σ N_i = N: every slice in this launch): y[t] = col_scale[l_t] ⊙ (x W0ᵀ + LoRA)[t] + b, each
+    slot's row of col_scale [L + 1, N] float32 applied to its rows as the slot loop passes, row L to the -1
+    tokens after it, the bias added last.
     """
     pid = tl.program_id(0)
     pid_m, pid_n = grouped_tile(pid, tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -285,7 +340,7 @@ def _multi_lora_gemm_kernel(
         w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = mma(x, w, acc, CT, PRECISION)
-    if HAS_BIAS:
+    if HAS_BIAS and not HAS_COL_SCALE:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 
     # RELOAD_ROWS: load the row ids again below (L1 hits) rather than keep them live, in the layouts the
@@ -297,6 +352,9 @@ def _multi_lora_gemm_kernel(
     # Epilogue: the distinct slots of this tile in ascending order (key L = no adapter ends the loop).
     key = tl.load(token_adapter_ptr + toks, mask=mask_m, other=-1)
     key = tl.where((key >= 0) & (key < L), key, L)
+    if HAS_COL_SCALE:  # the -1 tokens' row L first (they get no LoRA term): nothing added after the slot loop
+        g = tl.load(cs_ptr + tl.full((), L, tl.int64) * stride_cs + offs_n, mask=mask_n, other=1.0)
+        acc = tl.where((key == L)[:, None], acc * g[None, :], acc)
     cur = tl.min(key, axis=0)
     while cur < L:
         rank = _slot_rank(ranks_ptr, cur, R, HAS_RANKS)
@@ -304,7 +362,13 @@ def _multi_lora_gemm_kernel(
         acc = _expand_slices(acc, s_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr, N0, N1, N2, N3, toks, key == cur, cur,
                              rank, scale, offs_n, n_lo, R, 0, stride_sm, stride_sr,
                              NUM_SLICES, CT, PRECISION, BLOCK_N, BLOCK_R, False)
+        if HAS_COL_SCALE:
+            # A [BLOCK_N] row per slot, not a [BLOCK_M, BLOCK_N] gather of rows: no tile-sized temporary.
+            g = tl.load(cs_ptr + cur.to(tl.int64) * stride_cs + offs_n, mask=mask_n, other=1.0)
+            acc = tl.where((key == cur)[:, None], acc * g[None, :], acc)
         cur = tl.min(tl.where(key > cur, key, L), axis=0)
+    if HAS_COL_SCALE and HAS_BIAS:  # the bias after the scale
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if RELOAD_ROWS:
         toks = tl.load(sorted_ids_ptr + pos, mask=mask_m & (cur >= L), other=0).to(tl.int64)  # cur >= L: always
     tl.store(y_ptr + toks[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
@@ -539,12 +603,13 @@ _EXPAND_BLOCK_R = 16  # the expand loops over 16-wide rank chunks, so one config
 _EXPAND_BLOCK_N = {2: (128, 64), 4: (32, 16)}
 
 
-def _expand_block_n(T: int, N: int, elem_size: int, dx: bool = False) -> int:
+def _expand_block_n(T: int, N: int, elem_size: int, dx: bool = False, col_scale: bool = False) -> int:
     # The narrow one when a batch on one slot (the fewest tiles: cdiv(T, BLOCK_M)) would give fewer than 2
     # programs per SM with the wide one: T=64..512 on 4096 columns. dx's expand (DX, 4 slices) at 16-row
-    # tiles spilled 16 B on sm_90 with the wide one: narrow there.
+    # tiles spilled 16 B on sm_90 with the wide one: narrow there. The fp32 col_scale epilogue (4 slices,
+    # 64-row tiles) spilled 16 B on sm_90 at 32 (80 registers): narrow for fp32 with col_scale.
     wide, narrow = _EXPAND_BLOCK_N[elem_size]
-    if dx and tile_block_m(T) == 16:
+    if (dx and tile_block_m(T) == 16) or (col_scale and elem_size == 4):
         return narrow
     return wide if triton.cdiv(T, tile_block_m(T)) * triton.cdiv(N, wide) >= 2 * _NUM_SMS else narrow
 
@@ -721,49 +786,64 @@ def plan_shrink(x, A_stacks, S, bt, ranks, deterministic: bool = False,
 
 
 def _expand_launch(S, chunk, base, y, y_col0, bt, scalings, ranks, block_n=None, dx: bool = False,
-                   drop: SlotDropout | None = None) -> Launch:
+                   drop: SlotDropout | None = None, col_scale=None, bias=None) -> Launch:
     """y[:, y_col0:] += the expand of the (<= MAX_SLICES) B stacks `chunk`, S columns from slice `base` on.
-    dx: `chunk` holds A stacks [L, R, in], y is dx (y_col0 = 0), S is dS; `drop` applies the mask to the term."""
+    dx: `chunk` holds A stacks [L, R, in], y is dx (y_col0 = 0), S is dS; `drop` applies the mask to the term.
+    col_scale ([L + 1, >= y_col0 + width] float32, contiguous; forward only): y[t] = col_scale[l_t] ⊙ (y[t] +
+    term) + bias on the chunk's columns for every token (y without the bias; bias [>= y_col0 + width] or None)."""
     T = y.shape[0]
     R = chunk[0].shape[1 if dx else 2]
     ct, precision = _compute_type(y.dtype)
     b = _pad_slices(chunk)
     widths = [c.shape[2 if dx else 1] for c in chunk] + [0] * (MAX_SLICES - len(chunk))
     width = widths[0] if dx else sum(widths)
-    block_n = block_n or _expand_block_n(T, width, y.element_size(), dx)
-    _, sid, _, _, tsl, tst, ten = bt
+    block_n = block_n or _expand_block_n(T, width, y.element_size(), dx, col_scale is not None)
+    _, sid, seg_starts, seg_lens, tsl, tst, ten = bt
+    NT, bm = tsl.shape[0], tile_block_m(T)
+    cs = col_scale is not None
+    # With col_scale, cdiv(T, BLOCK_M) programs more: they cover the -1 tokens (which have no tile).
     return Launch(
-        _multi_lora_expand_kernel, (tsl.shape[0], triton.cdiv(width, block_n)),
+        _multi_lora_expand_kernel, (NT + (triton.cdiv(T, bm) if cs else 0), triton.cdiv(width, block_n)),
         dict(s_ptr=S, b0_ptr=b[0], b1_ptr=b[1], b2_ptr=b[2], b3_ptr=b[3], y_ptr=y,
              sorted_ids_ptr=sid, tile_slot_ptr=tsl, tile_start_ptr=tst, tile_end_ptr=ten,
              ranks_ptr=ranks if ranks is not None else tsl, scalings_ptr=drop.keep if drop else scalings,
-             thr_ptr=drop.thr if drop else tsl,
+             thr_ptr=drop.thr if drop else tsl, cs_ptr=col_scale if cs else S,
+             bias_ptr=bias if bias is not None else S, seg_starts_ptr=seg_starts, seg_lens_ptr=seg_lens,
              N0=widths[0], N1=widths[1], N2=widths[2], N3=widths[3], R=R, slice_base=base, y_col0=y_col0,
-             seed=drop.seed if drop else SEED_LOW,
-             stride_sm=S.stride(0), stride_sr=S.stride(1), stride_ym=y.stride(0), stride_yn=y.stride(1)),
+             seed=drop.seed if drop else SEED_LOW, T=T, L=seg_lens.shape[0], NT=NT,
+             stride_sm=S.stride(0), stride_sr=S.stride(1), stride_ym=y.stride(0), stride_yn=y.stride(1),
+             stride_cs=col_scale.stride(0) if cs else 0),
         dict(HAS_RANKS=ranks is not None, NUM_SLICES=1 if len(chunk) == 1 else MAX_SLICES, DX=dx,
-             HAS_DROPOUT=drop is not None, CT=ct, PRECISION=precision, BLOCK_M=tile_block_m(T), BLOCK_N=block_n,
-             BLOCK_R=_EXPAND_BLOCK_R),
+             HAS_DROPOUT=drop is not None, HAS_COL_SCALE=cs, HAS_BIAS=cs and bias is not None, CT=ct,
+             PRECISION=precision, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_R=_EXPAND_BLOCK_R),
         num_warps=4, num_stages=2)
 
 
-def plan_expand(S, B_stacks, y, y_offset, bt, scalings, ranks) -> list[Launch]:
-    """y[:, y_offset:] += the grouped expand: one launch per MAX_SLICES slices (no atomics)."""
+def plan_expand(S, B_stacks, y, y_offset, bt, scalings, ranks, col_scale=None, bias=None) -> list[Launch]:
+    """y[:, y_offset:] += the grouped expand: one launch per MAX_SLICES slices (no atomics). col_scale: each
+    launch also rescales its columns of every row (see _expand_launch; y_offset = 0)."""
     launches, col = [], y_offset
     for base, chunk in _chunks(B_stacks):
-        launches.append(_expand_launch(S, chunk, base, y, col, bt, scalings, ranks))
+        launches.append(_expand_launch(S, chunk, base, y, col, bt, scalings, ranks, col_scale=col_scale, bias=bias))
         col += sum(c.shape[1] for c in chunk)
     return launches
 
 
-def plan_linear(x, weight, bias, S, B_stacks, y, bt, scalings, ranks) -> list[Launch]:
-    """The fused GEMM with the first MAX_SLICES slices in its epilogue (+ expand launches for any others)."""
+def plan_linear(x, weight, bias, S, B_stacks, y, bt, scalings, ranks, col_scale=None) -> list[Launch]:
+    """The fused GEMM with the first MAX_SLICES slices in its epilogue (+ expand launches for any others).
+    col_scale ([L + 1, N] float32, contiguous) needs every slice in the epilogue (<= MAX_SLICES slices)."""
+    if col_scale is not None and len(B_stacks) > MAX_SLICES:
+        raise ValueError(f"the fused GEMM applies col_scale to at most {MAX_SLICES} slices, got {len(B_stacks)}")
     T, K = x.shape
     N = weight.shape[0]
     R = B_stacks[0].shape[2]
     L = bt[2].shape[0]
     ct, precision = _compute_type(x.dtype)
     bm, bn, bk, group_m, warps, stages, reload_rows = _gemm_config(T, N, x.element_size())
+    if col_scale is not None and (bm, bn) == (16, 64) and bias is None:
+        # ptxas on sm_90 at 16x64x128 (16-bit, 4 slices, col_scale; 64 registers, so not pressure) spilled 8 B
+        # without a bias at 4 and 3 stages but not at 2, and with a bias at 2 stages but not at 4.
+        stages = 2
     first = B_stacks[:MAX_SLICES]
     b = _pad_slices(first)
     widths = [c.shape[1] for c in first] + [0] * (MAX_SLICES - len(first))
@@ -773,12 +853,14 @@ def plan_linear(x, weight, bias, S, B_stacks, y, bt, scalings, ranks) -> list[La
         dict(x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, s_ptr=S,
              b0_ptr=b[0], b1_ptr=b[1], b2_ptr=b[2], b3_ptr=b[3], y_ptr=y,
              token_adapter_ptr=ta, sorted_ids_ptr=sid, ranks_ptr=ranks if ranks is not None else ta,
-             scalings_ptr=scalings, T=T, N=N, N0=widths[0], N1=widths[1], N2=widths[2], N3=widths[3],
-             K=K, R=R, L=L,
+             scalings_ptr=scalings, cs_ptr=col_scale if col_scale is not None else scalings,
+             T=T, N=N, N0=widths[0], N1=widths[1], N2=widths[2], N3=widths[3], K=K, R=R, L=L,
              stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
-             stride_sm=S.stride(0), stride_sr=S.stride(1), stride_ym=y.stride(0), stride_yn=y.stride(1)),
+             stride_sm=S.stride(0), stride_sr=S.stride(1), stride_ym=y.stride(0), stride_yn=y.stride(1),
+             stride_cs=col_scale.stride(0) if col_scale is not None else 0),
         dict(HAS_BIAS=bias is not None, HAS_RANKS=ranks is not None,
-             NUM_SLICES=1 if len(first) == 1 else MAX_SLICES, CT=ct, PRECISION=precision,
+             NUM_SLICES=1 if len(first) == 1 else MAX_SLICES, HAS_COL_SCALE=col_scale is not None, CT=ct,
+             PRECISION=precision,
              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=_EXPAND_BLOCK_R, GROUP_M=group_m, RELOAD_ROWS=reload_rows),
         num_warps=warps, num_stages=stages)]
     col = sum(widths)  # the GEMM writes all N columns; slices past MAX_SLICES get expand launches
@@ -789,19 +871,20 @@ def plan_linear(x, weight, bias, S, B_stacks, y, bt, scalings, ranks) -> list[La
 
 
 def plan_fused(x, weight, bias, A_stacks, B_stacks, S, y, bt, scalings, ranks,
-               deterministic: bool = False, drop: SlotDropout | None = None) -> list[Launch]:
+               deterministic: bool = False, drop: SlotDropout | None = None, col_scale=None) -> list[Launch]:
     """Every launch of multi_lora_linear_triton: the shrink of x̂ into S (zeroed), then the fused GEMM into y
-    (its epilogue reads S: the base path has no dropout)."""
+    (its epilogue reads S: the base path has no dropout; col_scale applied there too)."""
     return (plan_shrink(x, A_stacks, S, bt, ranks, deterministic, drop)
-            + plan_linear(x, weight, bias, S, B_stacks, y, bt, scalings, ranks))
+            + plan_linear(x, weight, bias, S, B_stacks, y, bt, scalings, ranks, col_scale))
 
 
 def plan_composite(x, A_stacks, B_stacks, S, y, bt, scalings, ranks, deterministic: bool = False,
-                   drop: SlotDropout | None = None) -> list[Launch]:
+                   drop: SlotDropout | None = None, col_scale=None, bias=None) -> list[Launch]:
     """The Triton launches of multi_lora_linear_composite once cuBLAS has written y = x W0ᵀ + b: the shrink
-    of x̂ into S (zeroed), then the expand into y in place."""
+    of x̂ into S (zeroed), then the expand into y in place. With col_scale, cuBLAS writes y = x W0ᵀ (no bias)
+    and the expand makes it col_scale[l_t] ⊙ (y + LoRA) + bias, one read and one write of y."""
     return (plan_shrink(x, A_stacks, S, bt, ranks, deterministic, drop)
-            + plan_expand(S, B_stacks, y, 0, bt, scalings, ranks))
+            + plan_expand(S, B_stacks, y, 0, bt, scalings, ranks, col_scale, bias))
 
 
 def plan_bwd(G, x, A_stacks, B_stacks, S, dx, bt, scalings, ranks, drop: SlotDropout | None = None,
@@ -964,42 +1047,54 @@ def lora_expand_triton(S, B_stacks, bt, y, scalings, ranks, y_offset):
     _run(plan_expand(S, _contig(B_stacks), y, y_offset, _batch(bt), _vec(scalings), _vec(ranks)))
 
 
-def multi_lora_linear_fwd_triton(x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks, dropout=None, seed=None):
+def multi_lora_linear_fwd_triton(x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks, dropout=None, seed=None,
+                                 col_scale=None):
     """(y [T, out] = x W0ᵀ + b + grouped LoRA of x̂, S = x̂ Aᵀ [T, NS·R] float32): the shrink (the dropout mask,
     when `seed` is given, regenerated in it), then the GEMM with the expand in its epilogue. dropout: [L]
-    float64 per-slot probabilities, seed: [1] int64 (CPU)."""
+    float64 per-slot probabilities, seed: [1] int64 (CPU). col_scale [L + 1, out] float32 (inference): y =
+    col_scale[l_t] ⊙ (x W0ᵀ + LoRA) + b in the same epilogue; more than MAX_SLICES slices take the composite."""
+    if col_scale is not None and len(B_stacks) > MAX_SLICES:
+        return multi_lora_linear_fwd_composite(x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks, dropout,
+                                               seed, col_scale)
     T = x.shape[0]
     y = _alloc((T, weight.shape[0]), x.dtype, x.device)
     A_stacks = _contig(A_stacks)
     S = _new_s(x, len(A_stacks), A_stacks[0].shape[1])
     if T > 0:
         _run(plan_fused(x, weight, _vec(bias), A_stacks, _contig(B_stacks), S, y, _batch(bt), _vec(scalings),
-                        _vec(ranks), _deterministic(), slot_dropout(dropout, seed)))
+                        _vec(ranks), _deterministic(), slot_dropout(dropout, seed), _vec(col_scale)))
     return y, S
 
 
 def multi_lora_linear_fwd_composite(x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks, dropout=None,
-                                    seed=None):
+                                    seed=None, col_scale=None):
     """(y, S) as multi_lora_linear_fwd_triton, but the base GEMM is torch.nn.functional.linear (cuBLAS on a
     GPU), followed by the grouped shrink and the grouped expand into y in place. Needs no tuning: cuBLAS is as
-    fast as cuBLAS, and the LoRA kernels are memory-bound."""
-    y = torch.nn.functional.linear(x, weight, bias)
+    fast as cuBLAS, and the LoRA kernels are memory-bound. With col_scale the GEMM leaves the bias out and the
+    expand adds it after the scale (y = col_scale[l_t] ⊙ (x W0ᵀ + LoRA) + b, no y − b round trip)."""
+    cs = col_scale is not None
+    y = torch.nn.functional.linear(x, weight, None if cs else bias)
     A_stacks = _contig(A_stacks)
     S = _new_s(x, len(A_stacks), A_stacks[0].shape[1])
     if x.shape[0] > 0:
         _run(plan_composite(x, A_stacks, _contig(B_stacks), S, y, _batch(bt), _vec(scalings), _vec(ranks),
-                            _deterministic(), slot_dropout(dropout, seed)))
+                            _deterministic(), slot_dropout(dropout, seed), _vec(col_scale),
+                            _vec(bias) if cs else None))
     return y, S
 
 
-def multi_lora_linear_triton(x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks):
-    """y [T, out] = x W0ᵀ + b + grouped LoRA (inference): multi_lora_linear_fwd_triton without dropout."""
-    return multi_lora_linear_fwd_triton(x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks)[0]
+def multi_lora_linear_triton(x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks, col_scale=None):
+    """y [T, out] = [col_scale[l_t] ⊙] (x W0ᵀ + grouped LoRA) + b (inference): multi_lora_linear_fwd_triton
+    without dropout."""
+    return multi_lora_linear_fwd_triton(x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks,
+                                        col_scale=col_scale)[0]
 
 
-def multi_lora_linear_composite(x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks):
-    """y [T, out] = x W0ᵀ + b + grouped LoRA (inference): multi_lora_linear_fwd_composite without dropout."""
-    return multi_lora_linear_fwd_composite(x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks)[0]
+def multi_lora_linear_composite(x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks, col_scale=None):
+    """y [T, out] = [col_scale[l_t] ⊙] (x W0ᵀ + grouped LoRA) + b (inference): multi_lora_linear_fwd_composite
+    without dropout."""
+    return multi_lora_linear_fwd_composite(x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks,
+                                           col_scale=col_scale)[0]
 
 
 def multi_lora_linear_bwd_triton(dy, x, weight, A_stacks, B_stacks, S, scalings, bt, ranks, dropout, seed,

@@ -4,6 +4,8 @@
     forward     y    = x deq(W0)ᵀ + b + s · S Bᵀ,  S = x̂ Aᵀ                            _qlora_gemm_kernel
                        (S by lora_linear's _lora_shrink_kernel; the LoRA term in the GEMM's epilogue,
                        lora_linear's _add_lora)
+    backward    dx   = G deq(W0) + (dS A) ⊙ m / (1-p)                                   _qlora_gemm_kernel
+                       (W0 read transposed, decoded in the main loop; dS, dB and dA by lora_linear's kernels)
 
 W0 [out, in] is n = out · in 4-bit codes over the flattened weight, two a byte (high nibble first), one float32
 scale per block of 64 consecutive values: blocks cross rows when in % 64 != 0, so every element finds its
@@ -17,8 +19,6 @@ Bit-exactness: on a GPU the products are `mul.rn.f32` (inline PTX): a plain mult
 offset's add may be contracted into one FMA by the compiler, which rounds once instead of twice and would not
 match bitsandbytes. Under TRITON_INTERPRET=1 (numpy) plain multiplies round as PyTorch's do; the
 interpreter's fp32 → bf16 cast truncates where the GPU rounds (tests compare bf16 within one ulp).
-
-The backward's dx = G deq(W0) stays a dequantize (this file's kernel) plus lora_linear's GEMM.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import triton.language as tl
 from lora_kernels import quant
 from lora_kernels.backends import TRITON_INTERPRETED
 from lora_kernels.kernels import lora_linear as kl
-from lora_kernels.kernels._common import TL_DTYPE, grouped_tile, mma
+from lora_kernels.kernels._common import TL_DTYPE, gemm_tile, mma
 from lora_kernels.kernels._launch import Launch
 from lora_kernels.kernels.lora_linear import _add_lora
 
@@ -79,34 +79,32 @@ def _dequant4_kernel(codes_ptr, absmax_ptr, nabs_ptr, ncode_ptr, noff_ptr, table
     tl.store(out_ptr + idx, w.to(W_DTYPE).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "drop_threshold"])
 def _qlora_gemm_kernel(
     x_ptr, codes_ptr, absmax_ptr, nabs_ptr, ncode_ptr, noff_ptr, table_ptr, bias_ptr, l_ptr, e_ptr, out_ptr,
     M, N, K, R,
-    stride_xm, stride_xk, stride_bias, stride_lm, stride_lr, stride_er, stride_en, stride_om, stride_on, stride_os,
-    has_bias, lora_scale, k_per_split,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_bias, stride_lm, stride_lr, stride_er, stride_en,
+    stride_om, stride_on, stride_os,
+    has_bias, lora_scale, seed, drop_threshold, keep_scale, k_per_split,
     NESTED: tl.constexpr, NESTED_BS: tl.constexpr, QBLOCK: tl.constexpr, W_DTYPE: tl.constexpr,
-    EXACT: tl.constexpr, CT: tl.constexpr, PRECISION: tl.constexpr,
+    EXACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, CT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """out[M, N] = x deq(W0)ᵀ (+ bias) + lora_scale · L E, W0 [N, K] 4-bit, decoded tile by tile.
+    """out[M, N] = x Q (+ bias) + lora_scale · (L E) [⊙ m / (1-p)], Q [K, N] a view of the 4-bit W0 decoded
+    tile by tile: Q[k, n] = deq(W0) at flat index k · stride_wk + n · stride_wn.
 
-    The [BLOCK_K, BLOCK_N] tile of W0ᵀ at (k, n) holds flat indices n · K + k: a tile may straddle scale
-    blocks (and, when K % 64 != 0, blocks that start in one row and end in the next), which the per-element
-    scale lookup handles. Decoded values round to W_DTYPE (what bitsandbytes dequantizes to), then to x's
-    dtype, as dequantize-then-matmul does. Grid (tiles, splits) and the split / epilogue rules as
-    lora_linear's _gemm_lora_kernel: only split 0 adds the bias and the LoRA term (L = S, E = Bᵀ).
+    forward: x, Q = W0ᵀ (stride_wk = 1, stride_wn = in), L = S, E = Bᵀ, bias;  backward dx: x = G,
+    Q = W0 (stride_wk = in, stride_wn = 1), L = dS, E = A, the dropout mask over (row, col) of dx -- the
+    4-bit weight read once, no dense copy. A tile may straddle scale blocks (and, when in % 64 != 0, blocks
+    that start in one row and end in the next), which the per-element scale lookup handles. Decoded values
+    round to W_DTYPE (what bitsandbytes dequantizes to), then to x's dtype, as dequantize-then-matmul does.
+    Grid (tiles, splits) and the split / epilogue rules as lora_linear's _gemm_lora_kernel: only split 0 adds
+    the bias and the LoRA term.
     """
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    row_start = offs_n * K  # int64 flat index of W0[n, 0]
+    pid_m, pid_n, offs_m, offs_n, mask_m, mask_n = gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    col_start = offs_n * stride_wn  # int64 flat index of Q[0, n]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = pid_k * k_per_split
     for k0 in range(k_lo, tl.minimum(K, k_lo + k_per_split), BLOCK_K):
@@ -115,15 +113,15 @@ def _qlora_gemm_kernel(
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                      mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = _decode4(codes_ptr, absmax_ptr, nabs_ptr, ncode_ptr, noff_ptr, table_ptr,
-                     row_start[None, :] + offs_k[:, None], mask_k[:, None] & mask_n[None, :],
+                     col_start[None, :] + offs_k[:, None] * stride_wk, mask_k[:, None] & mask_n[None, :],
                      NESTED, NESTED_BS, QBLOCK, EXACT)
         acc = mma(xt, w.to(W_DTYPE).to(x_ptr.dtype.element_ty), acc, CT, PRECISION)
     if pid_k == 0:
         if has_bias != 0:
             acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         acc = _add_lora(acc, l_ptr, e_ptr, offs_m, offs_n, pid_n.to(tl.int64) * BLOCK_N, mask_m, mask_n, R,
-                        stride_lm, stride_lr, stride_er, stride_en, lora_scale, 0, 0, 1.0, N,
-                        False, CT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+                        stride_lm, stride_lr, stride_er, stride_en, lora_scale, seed, drop_threshold, keep_scale,
+                        N, HAS_DROPOUT, CT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
     tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -156,9 +154,7 @@ DEQUANT_BLOCK = 1024  # values per program of _dequant4_kernel
 def gemm_configs(M: int, elem_size: int) -> list[tuple]:
     """The shipped fused-GEMM configs for M rows of `elem_size`-byte activations: the launcher's pick first,
     then the others a tuner may time (each is correct for every shape; the AOT check compiles them all)."""
-    pick = _QLORA_GEMM_CONFIGS[(kl._gemm_class(M), elem_size)]
-    others = [c for (_, e), c in _QLORA_GEMM_CONFIGS.items() if e == elem_size and c != pick]
-    return [pick] + sorted(set(others), key=others.index)
+    return kl.shipped_configs(_QLORA_GEMM_CONFIGS, M, elem_size)
 
 
 def _quant_args(fmt, codes, absmax, nested_absmax, nested_code, nested_offset) -> tuple[dict, dict]:
@@ -188,34 +184,62 @@ def plan_dequant(qweight, dtype=None):
                    dict(**consts, BLOCK=DEQUANT_BLOCK), num_warps=4, num_stages=1)], out
 
 
-def plan_fwd(x, qweight, bias, A, B, scaling, dropout_p, seed, deterministic: bool = False, gemm_config=None):
-    """(launches, y [M, out] in x's dtype, S [M, r] float32) of the fused forward: lora_linear's shrink, then
-    the fused W4A16 GEMM with the LoRA expand in its epilogue."""
-    launches, S = kl._shrink_plan(x, A, 1.0, dropout_p, seed, deterministic)
+def _gemm_plan(P, qweight, transposed: bool, bias, L, E, out_shape, lora_scale, dropout_p, seed, lora_dtype,
+               gemm_config=None):
+    """(launches, out = P Q (+ bias) + lora_scale · L E [dropout over out]) in P's dtype, Q = deq(W0)ᵀ
+    (forward) or, `transposed`, deq(W0) (dx). E: a strided view."""
     fmt = qweight.fmt
-    M, K = x.shape
-    N = fmt.shape[0]
-    ct, _, precision = kl._compute_types(x.dtype, A.dtype)
-    config = gemm_config or gemm_configs(M, x.element_size())[0]
+    M, K = P.shape
+    N = out_shape[1]
+    seed, thr, keep_scale = kl._dropout_args(dropout_p, seed)
+    ct, _, precision = kl._compute_types(P.dtype, lora_dtype)
+    config = gemm_config or gemm_configs(M, P.element_size())[0]
     bm, bn, bk, group_m, warps, stages = config
     split = kl.gemm_split_k(M, N, K, config)
     blocks_per_split, split = kl._ranges(triton.cdiv(K, bk), split)
     # Split partials go to a float32 workspace summed in a fixed order (as lora_linear's GEMM): no atomics.
-    y, target, stride_os, _, finish = kl._split_output(split, (M, N), x.dtype, x.device, True)
+    out, target, stride_os, _, finish = kl._split_output(split, out_shape, P.dtype, P.device, True)
     args, consts = _quant_args(fmt, *qweight.tensors())
-    E = B.t()
-    launches.append(Launch(
+    w_in = fmt.shape[1]
+    stride_wk, stride_wn = (w_in, 1) if transposed else (1, w_in)
+    launch = Launch(
         _qlora_gemm_kernel, (triton.cdiv(M, bm) * triton.cdiv(N, bn), split),
-        dict(x_ptr=x, **args, bias_ptr=bias if bias is not None else target, l_ptr=S, e_ptr=E, out_ptr=target,
-             M=M, N=N, K=K, R=S.shape[1], stride_xm=x.stride(0), stride_xk=x.stride(1),
-             stride_bias=bias.stride(0) if bias is not None else 0, stride_lm=S.stride(0), stride_lr=S.stride(1),
-             stride_er=E.stride(0), stride_en=E.stride(1), stride_om=target.stride(0), stride_on=target.stride(1),
-             stride_os=stride_os, has_bias=int(bias is not None), lora_scale=float(scaling),
+        dict(x_ptr=P, **args, bias_ptr=bias if bias is not None else target, l_ptr=L, e_ptr=E, out_ptr=target,
+             M=M, N=N, K=K, R=L.shape[1], stride_xm=P.stride(0), stride_xk=P.stride(1), stride_wk=stride_wk,
+             stride_wn=stride_wn, stride_bias=bias.stride(0) if bias is not None else 0, stride_lm=L.stride(0),
+             stride_lr=L.stride(1), stride_er=E.stride(0), stride_en=E.stride(1), stride_om=target.stride(0),
+             stride_on=target.stride(1), stride_os=stride_os, has_bias=int(bias is not None),
+             lora_scale=float(lora_scale), seed=seed, drop_threshold=thr, keep_scale=keep_scale,
              k_per_split=blocks_per_split * bk),
-        dict(**consts, CT=ct, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        dict(**consts, HAS_DROPOUT=thr > 0, CT=ct, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
              BLOCK_R=kl._EPILOGUE_BLOCK_R, GROUP_M=group_m),
-        num_warps=warps, num_stages=stages))
-    return launches + finish, y, S
+        num_warps=warps, num_stages=stages)
+    return [launch] + finish, out
+
+
+def plan_fwd(x, qweight, bias, A, B, scaling, dropout_p, seed, deterministic: bool = False, gemm_config=None):
+    """(launches, y [M, out] in x's dtype, S [M, r] float32) of the fused forward: lora_linear's shrink, then
+    the fused W4A16 GEMM with the LoRA expand in its epilogue."""
+    launches, S = kl._shrink_plan(x, A, 1.0, dropout_p, seed, deterministic)
+    gemm, y = _gemm_plan(x, qweight, False, bias, S, B.t(), (x.shape[0], qweight.fmt.shape[0]), scaling, 0.0, None,
+                         A.dtype, gemm_config)
+    return launches + gemm, y, S
+
+
+def plan_bwd(G, x, qweight, A, B, S, scaling, dropout_p, seed, need_dx: bool, need_dA: bool, need_dB: bool,
+             deterministic: bool = False, gemm_config=None):
+    """(launches, dx, dA, dB) of the fused backward, each None when not needed: lora_linear's dS / dB and dA
+    kernels, and dx = G deq(W0) + (dS A) ⊙ m / (1-p) by the W4A16 GEMM reading W0 transposed (no dense copy)."""
+    launches, dS, dB = kl._ds_db_plan(G, B, S, scaling, need_dx or need_dA, need_dB, deterministic)
+    dx = dA = None
+    if need_dx:
+        gemm, dx = _gemm_plan(G, qweight, True, None, dS, A, tuple(x.shape), 1.0, dropout_p, seed, A.dtype,
+                              gemm_config)
+        launches += gemm
+    if need_dA:
+        da, dA = kl._da_plan(dS, x, A, dropout_p, seed, deterministic)
+        launches += da
+    return launches, dx, dA, dB
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,3 +260,12 @@ def qlora_linear_fwd_triton(x, qweight, bias, A, B, scaling, dropout_p, seed, ge
                               torch.are_deterministic_algorithms_enabled(), gemm_config)
     kl._run(launches)
     return y, S
+
+
+def qlora_linear_bwd_triton(dy, x, qweight, A, B, S, scaling, dropout_p, seed, need_dx, need_dA, need_dB,
+                            gemm_config=None):
+    """(dx, dA, dB), each None when not needed, over a 4-bit `QuantWeight`: no dense W0."""
+    launches, dx, dA, dB = plan_bwd(dy.to(x.dtype), x, qweight, A, B, S, scaling, dropout_p, seed, need_dx, need_dA,
+                                    need_dB, torch.are_deterministic_algorithms_enabled(), gemm_config)
+    kl._run(launches)
+    return dx, dA, dB

@@ -103,16 +103,19 @@ def analyse(compiled) -> dict:
 def _ci_case(case: str) -> bool:
     """The subset tests/test_aot.py compiles (a few minutes on 2 cores with a cold Triton cache): one
     layer shape and rank, every GEMM tile class, both adapter dtypes, with dropout; multi-adapter at a
-    prefill and a decode-ish size; the fused 4-bit GEMM at a decode-ish and a prefill size, and its dequant."""
+    prefill and a decode-ish size, plain and with DoRA's column scale; the fused 4-bit GEMM at a decode-ish and a prefill size, and its dequant;
+    DoRA's fused forward and backward at those sizes, with and without dropout."""
     if case.startswith("lora_linear "):
         return (" 4096->4096 r=16" in case and "p=0.1" in case
                 and any(f" M={m} " in case for m in (16, 128, 1024)))
     if case.startswith("multi_lora_linear"):
-        return "[fused]" in case and any(f" T={t} " in case for t in (64, 256))
-    if case.startswith("qlora_linear fwd fused"):
+        return ("[fused]" in case or "[fused,col_scale]" in case) and any(f" T={t} " in case for t in (64, 256))
+    if case.startswith(("qlora_linear fwd fused", "qlora_linear bwd fused")):
         return " 4096->4096 r=16" in case and any(f" M={m} " in case for m in (16, 128))
     if case.startswith("qlora_linear dequant"):
         return " 4096->4096" in case
+    if case.startswith("dora_linear "):
+        return any(f" M={m} " in case for m in (16, 128))
     return False
 
 

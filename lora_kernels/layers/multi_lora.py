@@ -1,6 +1,7 @@
 """`MultiLoRALinear`: a frozen nn.Linear plus `max_loras` adapter slots, one adapter per token, for serving
 (slot buffers) and for training many adapters in one batch (per-slot parameters, `StepBatch`). A slot may hold
-a DoRA adapter: the LoRA op's output rescaled per token by its slot's column scale g (see the class)."""
+a DoRA adapter: the LoRA op's output rescaled per token by its slot's column scale g (see the class). The base
+may be a bitsandbytes 4-bit / 8-bit layer (QLoRA): its weight is read as a `lora_kernels.quant.QuantWeight`."""
 from __future__ import annotations
 
 import math
@@ -11,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lora_kernels import quant
 from lora_kernels.ops import dora as _dora
 from lora_kernels.ops.batch import LoRABatch, StepDropout
-from lora_kernels.ops.multi_lora import dropout_args, dropped_input, multi_lora_linear, run_linear
+from lora_kernels.ops.multi_lora import (dropout_args, dropped_input, multi_lora_linear, quant_base_linear,
+                                         run_linear, run_quant_linear)
 from lora_kernels.ops.plumbing import lora_dtype
 
 
@@ -99,14 +102,28 @@ class MultiLoRALinear(nn.Module):
     slot, parameter ``train_m["<slot>"]`` [out]): g = m / n with n recomputed each forward from the current A,
     B (gradients reach A, B and m); with LoRA dropout, PEFT's DoRA form
     ``y = (x − x̂) W0ᵀ + b + g ⊙ (x̂ W0ᵀ + s · (x̂ Aᵀ) Bᵀ)`` (rows of plain slots have g = 1: plain LoRA).
+
+    Quantized base (QLoRA): `base_layer` may be a bitsandbytes ``Linear4bit`` (nf4 / fp4, nested absmax or
+    not) or ``Linear8bitLt`` (has_fp16_weights=False), moved to its device (quantized). W0 is then
+    deq(W0) in x's dtype, bitsandbytes' dequantization bit for bit (`lora_kernels.quant`), read from the
+    layer's own tensors (no copy, converted once and cached until the weight changes); the base product runs
+    through ops/qlora.py's dequantize / fused base (`multi_lora_linear` with a QuantWeight), never through
+    bitsandbytes' matmul, in serving, training and without a batch alike. The slots default to the dtype the
+    weight was quantized from (4-bit) or the bias's dtype (8-bit; float32 without a bias). DoRA slots work over
+    a quantized base too: the norm ‖deq(W0) + s · B A‖ from W0 dequantized (bit-exact; when a slot is written,
+    and once per training step for trainable DoRA slots), the base product as above.
     """
 
-    def __init__(self, base_layer: nn.Linear, max_loras: int, max_rank: int,
+    def __init__(self, base_layer: nn.Module, max_loras: int, max_rank: int,
                  output_slices: Optional[Sequence[int]] = None, dtype: Optional[torch.dtype] = None,
                  backend: Optional[str] = None, context: Optional[BatchContext] = None):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
+        # By class name: bitsandbytes is imported (by quant.from_bnb) only when one of its layers is handed in.
+        self.quant_kind = quant.bnb_kind(base_layer) if isinstance(base_layer, nn.Module) else ""
+        if not isinstance(base_layer, nn.Linear) and not self.quant_kind:
+            raise TypeError(f"base_layer must be an nn.Linear, or a bitsandbytes Linear4bit (nf4 / fp4) or "
+                            f"Linear8bitLt (has_fp16_weights=False) layer, got {type(base_layer).__name__}")
+        qweight = quant.from_bnb(base_layer) if self.quant_kind else None  # clear errors: not quantized, ...
         for name, v in (("max_loras", max_loras), ("max_rank", max_rank)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -123,7 +140,12 @@ class MultiLoRALinear(nn.Module):
         self.backend = backend
         self.context = context if context is not None else BatchContext()
         w = base_layer.weight
-        dtype = dtype or w.dtype
+        if qweight is None:
+            w_dtype = w.dtype
+        else:  # the dtype W0 dequantizes to (4-bit: what it was quantized from); 8-bit: the bias's, else float32
+            bias = base_layer.bias
+            w_dtype = qweight.fmt.dtype if qweight.fmt.is_4bit or bias is None else bias.dtype
+        dtype = dtype or w_dtype
         for i, n in enumerate(slices):
             self.register_buffer(f"lora_A_{i}", torch.zeros(max_loras, max_rank, self.in_features, dtype=dtype,
                                                             device=w.device), persistent=False)
@@ -134,7 +156,7 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("ranks", torch.zeros(max_loras, dtype=torch.int32, device=w.device), persistent=False)
         self._host_ranks = [0] * max_loras  # ranks[] on the host: a StepBatch's padded rank without a device read
         self._host_scalings = [0.0] * max_loras  # scalings[] on the host: DoRA's training norm without a read
-        ct = lora_dtype(w.dtype, dtype)  # DoRA's column scales: the LoRA compute dtype
+        ct = lora_dtype(w_dtype, dtype)  # DoRA's column scales: the LoRA compute dtype
         self.register_buffer("dora_scale", torch.ones(max_loras + 1, self.out_features, dtype=ct, device=w.device),
                              persistent=False)
         self._dora_slots: set[int] = set()  # the slots holding a DoRA adapter (host)
@@ -225,19 +247,43 @@ class MultiLoRALinear(nn.Module):
         row.copy_(magnitude.detach().to(row.device, n.dtype) / n)
         self._dora_slots.add(slot)
 
+    def _dense_weight(self) -> Tensor:
+        """W0 [out, in] as DoRA's norm reads it: the nn.Linear's weight, or a quantized base dequantized (bit-exact,
+        `qlora.dequantize_base` of the layer's backend) in the compute dtype -- a fresh copy, not kept (keeping
+        it would undo the quantization's memory saving): its caller drops it after the norm."""
+        if not self.quant_kind:
+            return self.base_layer.weight
+        from lora_kernels.backends import default_backend
+        from lora_kernels.ops import qlora
+        qweight = self._weight_bias(self.dora_scale)[0]  # (its checks; the tensor passed sets only b's dtype)
+        backend = self.backend if self.backend is not None else default_backend(qweight.device)
+        return qlora.dequantize_base(qweight, self.dora_scale.dtype, backend)
+
     def _weight_sq(self) -> Tensor:
-        """‖W0_j‖² [out] in the compute dtype, cached (W0 is frozen; a new or changed W0 is recomputed)."""
-        w = self.base_layer.weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device, self.lora_A_0.dtype)
+        """‖W0_j‖² [out] in the compute dtype, cached (W0 is frozen; a new or changed W0 is recomputed). A
+        quantized W0 is keyed on its QuantWeight (`quant.cached_from_bnb`: a new one when the weight changes),
+        which the cache holds so that its id is not reused."""
+        if self.quant_kind:
+            qw = self._weight_bias(self.dora_scale)[0]
+            key = (id(qw), self.dora_scale.dtype, self.lora_A_0.dtype)
+        else:
+            w = self.base_layer.weight
+            key = (w.data_ptr(), w._version, w.dtype, w.device, self.lora_A_0.dtype)
         hit = self.__dict__.get("_w2")
         if hit is None or hit[0] != key:
-            hit = self.__dict__["_w2"] = (key, _dora.weight_sq(w, self.lora_A_0))
+            hit = self.__dict__["_w2"] = (key, _dora.weight_sq(self._dense_weight(), self.lora_A_0),
+                                          qw if self.quant_kind else None)
         return hit[1]
 
-    def _weight_norm(self, As: Sequence[Optional[Tensor]], Bs: Sequence[Optional[Tensor]], scaling: float) -> Tensor:
+    def _weight_norm(self, As: Sequence[Optional[Tensor]], Bs: Sequence[Optional[Tensor]], scaling: float,
+                     weight: Optional[Tensor] = None) -> Tensor:
         """n = ‖W0 + s · B A‖ per row [out], detached, slice by slice (the single-adapter DoRA norm; a slice
-        without A / B: ‖W0_j‖), in the compute dtype."""
-        w, w2 = self.base_layer.weight, self._weight_sq()
+        without A / B: ‖W0_j‖), in the compute dtype. `weight`: W0 as `_dense_weight` gives it, when the caller
+        has it (a quantized W0 is dequantized once per step for all its DoRA slots)."""
+        w2 = self._weight_sq()
+        if all(A is None for A in As):
+            return w2.sqrt()
+        w = weight if weight is not None else self._dense_weight()
         parts, c = [], 0
         for A, B, n in zip(As, Bs, self.output_slices):
             if A is None:
@@ -252,7 +298,7 @@ class MultiLoRALinear(nn.Module):
     def dora_weight_norm(self, lora_A: Union[Tensor, Sequence[Optional[Tensor]]],
                          lora_B: Union[Tensor, Sequence[Optional[Tensor]]], scaling: float) -> Tensor:
         """‖W0 + s · B A‖ per row [out] of an adapter given as in set_slot (taken in the slots' dtype), in the
-        compute dtype: DoRA's initial magnitude (PEFT initialises m to it)."""
+        compute dtype: DoRA's initial magnitude (PEFT initialises m to it; over a quantized base, of deq(W0))."""
         As, Bs, s, _ = self._check_adapter(0, lora_A, lora_B, scaling)
         dev, dt = self.lora_A_0.device, self.lora_A_0.dtype
         return self._weight_norm([None if A is None else A.to(dev, dt) for A in As],
@@ -373,21 +419,48 @@ class MultiLoRALinear(nn.Module):
                              f"{batch.num_tokens} tokens on {batch.device}, got {got}")
 
     def forward(self, x: Tensor, batch: Optional[Union[LoRABatch, StepBatch]] = None) -> Tensor:
-        slots = None  # the batch's slots on the host, when known: a batch without DoRA slots skips the rescale
+        slots = None  # the batch's slots on the host, when known: a batch without DoRA slots runs plain LoRA
         if batch is None:
             batch, slots = self.context.batch, self.context.slots
             if batch is None:
-                return self.base_layer(x)
+                return self._base(x)
         if isinstance(batch, StepBatch):
             return self._forward_step(x, batch)
-        y = self._forward_slots(x, batch)
-        if self._dora_slots and (slots is None or not self._dora_slots.isdisjoint(slots)):
-            y = self._rescale(y, self.dora_scale[batch.token_adapter], bias_in_y=True)
-        return y
+        dora = self._dora_slots and (slots is None or not self._dora_slots.isdisjoint(slots))
+        return self._forward_slots(x, batch, dora)
+
+    def _weight_bias(self, x: Tensor) -> tuple:
+        """(W0, b) as the ops take them: the nn.Linear's weight and bias, or for a bitsandbytes base its
+        `QuantWeight` (cached until the weight changes) and its bias in x's dtype (bitsandbytes casts it so)."""
+        bias = self.base_layer.bias
+        if not self.quant_kind:
+            return self.base_layer.weight, bias
+        w = self.base_layer.weight
+        if getattr(getattr(w, "quant_state", None), "packing_format_for_cpu", False):
+            raise RuntimeError("bitsandbytes repacked this 4-bit weight for its CPU bfloat16 kernel (the "
+                               "Linear4bit ran in eval mode on an AVX512-BF16 CPU); MultiLoRALinear reads the "
+                               "standard layout: do not run the bitsandbytes layer itself in eval mode")
+        qweight = quant.cached_from_bnb(self.__dict__, "_qweight", self.base_layer)
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        return qweight, bias
+
+    def _base(self, x: Tensor) -> Tensor:
+        """The base layer alone: y = x W0ᵀ + b (a quantized W0 through the same base product as the LoRA
+        path, never bitsandbytes' own forward)."""
+        if not self.quant_kind:
+            return self.base_layer(x)
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape [..., in={self.in_features}], got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        qweight, bias = self._weight_bias(x)
+        y = quant_base_linear(x.reshape(-1, self.in_features), qweight, bias, self.backend)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def _rescale(self, y: Tensor, g: Tensor, bias_in_y: bool) -> Tensor:
         """DoRA's per-token column scale g [T, out] (compute dtype; 1 for rows of plain slots and -1 tokens):
-        g ⊙ (y − b) + b (bias_in_y) or g ⊙ y + b, computed in g's dtype and rounded once to y's."""
+        g ⊙ (y − b) + b (bias_in_y) or g ⊙ y + b, computed in g's dtype and rounded once to y's. The training
+        path's (_forward_step); serving hands dora_scale to the op as its col_scale instead (_forward_slots)."""
         y2 = y.reshape(-1, self.out_features)
         yc = y2 if y2.dtype == g.dtype else y2.to(g.dtype)
         bias = self.base_layer.bias
@@ -398,23 +471,39 @@ class MultiLoRALinear(nn.Module):
             out = torch.addcmul(b, yc - b if bias_in_y else yc, g)
         return out.to(y.dtype).view(*y.shape[:-1], self.out_features)
 
-    def _forward_slots(self, x: Tensor, batch: LoRABatch) -> Tensor:
-        """The serving path: the slot buffers, all max_loras slots."""
+    def _forward_slots(self, x: Tensor, batch: LoRABatch, dora: bool = False) -> Tensor:
+        """The serving path: the slot buffers, all max_loras slots. dora: a DoRA slot may be in the batch, so
+        the op applies dora_scale (g per slot, ones for plain slots and the -1 tokens' last row) as its column
+        scale where it writes y: y[t] = g[l_t] ⊙ (x W0ᵀ + s · (x Aᵀ) Bᵀ)[t] + b, no per-token gather."""
         self._check_call(x, batch)
-        w, bias = self.base_layer.weight, self.base_layer.bias
+        w, bias = self._weight_bias(x)
+        col_scale = self._col_scale(x) if dora else None
         # The full argument check costs ~10-20 us of Python, per layer per step. The slot tensors keep
         # their shapes (set_slot copies in place), so after one full check per (dtype, device, backend)
-        # only the shapes that change per step -- x and the batch, above -- are checked.
+        # only the shapes that change per step -- x and the batch, above -- are checked. A quantized W0
+        # enters the key as its QuantWeight's identity (a new one after the weight changes is checked again).
         backend = self.backend
-        key = (x.dtype, x.device, backend, w.dtype, w.device, self.lora_A_0.dtype, self.lora_A_0.device)
+        wkey = (w.dtype, w.device) if not self.quant_kind else (id(w), None)
+        key = (x.dtype, x.device, backend, *wkey, self.lora_A_0.dtype, self.lora_A_0.device,
+               None if bias is None else bias.dtype, None if col_scale is None else col_scale.dtype)
         if key != self.__dict__.get("_checked_key"):
             out = multi_lora_linear(x, w, bias, self.A_stacks, self.B_stacks, self.scalings, batch, self.ranks,
-                                    backend=backend)
+                                    backend=backend, col_scale=col_scale)
             self._checked_key = key
             return out
-        y = run_linear(x.reshape(-1, self.in_features), w, bias, self.A_stacks, self.B_stacks, self.scalings,
-                       batch.op_args(), self.ranks, backend)
+        if self.quant_kind:
+            y = run_quant_linear(x.reshape(-1, self.in_features), w, bias, self.A_stacks, self.B_stacks,
+                                 self.scalings, batch.op_args(), self.ranks, backend, col_scale=col_scale)
+        else:
+            y = run_linear(x.reshape(-1, self.in_features), w, bias, self.A_stacks, self.B_stacks, self.scalings,
+                           batch.op_args(), self.ranks, backend, col_scale=col_scale)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _col_scale(self, x: Tensor) -> Tensor:
+        """dora_scale as the ops take it: float32 or the LoRA compute dtype (a module cast to half precision
+        also casts this buffer; it is then taken back to float32, [max_loras + 1, out] elements)."""
+        g = self.dora_scale
+        return g if g.dtype in (torch.float32, lora_dtype(x.dtype, self.lora_A_0.dtype)) else g.float()
 
     def _forward_step(self, x: Tensor, step: StepBatch) -> Tensor:
         """The training path: stacks of only the step's slots (see the class docstring)."""
@@ -422,7 +511,7 @@ class MultiLoRALinear(nn.Module):
             self._check_slot(s)
         R = max(self._host_ranks[s] for s in step.slots)
         if R == 0:  # none of the step's adapters touches this layer
-            return self.base_layer(x)
+            return self._base(x)
         dora = self._dora_slots and not self._dora_slots.isdisjoint(step.slots)
         A_stacks, B_stacks = [], []
         trainable_A, trainable_B = self._trainable(step.slots)
@@ -440,7 +529,7 @@ class MultiLoRALinear(nn.Module):
             B_stacks.append(torch.stack(Bs))
         idx = step.slot_index
         scalings, ranks = self.scalings.index_select(0, idx), self.ranks.index_select(0, idx)
-        w, bias = self.base_layer.weight, self.base_layer.bias
+        w, bias = self._weight_bias(x)
         if not dora:
             return multi_lora_linear(x, w, bias, A_stacks, B_stacks, scalings, step.batch, ranks,
                                      backend=self.backend, dropout_p=step.dropout_p, training=self.training)
@@ -454,7 +543,10 @@ class MultiLoRALinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         x_hat = dropped_input(x2, step.batch.op_args(), dropout, seed)
         P = multi_lora_linear(x_hat, w, None, A_stacks, B_stacks, scalings, step.batch, ranks, backend=self.backend)
-        y = self._rescale(P, g, bias_in_y=False) + F.linear(x2 - x_hat, w)
+        # The remainder's base product: over a quantized W0 by the same dequantize (dx = G deq(W0), W0 dequantized
+        # again in the backward, not kept).
+        rest = quant_base_linear(x2 - x_hat, w, None, self.backend) if self.quant_kind else F.linear(x2 - x_hat, w)
+        y = self._rescale(P, g, bias_in_y=False) + rest
         return y.view(*x.shape[:-1], self.out_features)
 
     def _step_scale(self, step: StepBatch, trainable_A: list, trainable_B: list) -> Tensor:
@@ -462,11 +554,14 @@ class MultiLoRALinear(nn.Module):
         m gets a gradient; served DoRA: its dora_scale row; plain: 1), then a row of ones for the -1 tokens."""
         ones = self.dora_scale[-1]
         rows = []
+        W = None  # W0 for the norms, dequantized once for all the step's trainable DoRA slots
         for j, s in enumerate(step.slots):
             m = self.trainable_magnitude(s)
             if m is not None:
-                n = self._weight_norm([A[j] for A in trainable_A], [B[j] for B in trainable_B],
-                                      self._host_scalings[s])
+                As, Bs = [A[j] for A in trainable_A], [B[j] for B in trainable_B]
+                if W is None and any(A is not None for A in As):
+                    W = self._dense_weight()
+                n = self._weight_norm(As, Bs, self._host_scalings[s], W)
                 rows.append(m.to(n.dtype) / n)
             else:
                 rows.append(self.dora_scale[s] if s in self._dora_slots else ones)
@@ -475,4 +570,5 @@ class MultiLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, max_loras={self.max_loras}, "
-                f"max_rank={self.max_rank}, output_slices={list(self.output_slices)}, backend={self.backend}")
+                f"max_rank={self.max_rank}, output_slices={list(self.output_slices)}, backend={self.backend}"
+                + (f", base={self.quant_kind}" if self.quant_kind else ""))

@@ -12,6 +12,9 @@ Semantics (PEFT layout per slot; L slots, padded rank R, NS output slices)::
     S[t, i·R + j] = x[t] · A_i[l, j]                        for j < r_l, l = token_adapter[t] >= 0; else 0
     y[t, c_i + n] += scalings[l] · Σ_{j<r_l} S[t, i·R + j] · B_i[l, n, j]      (c_i = y_offset + Σ_{k<i} out_k)
     multi_lora_linear: y = x W0ᵀ + b + the expand above, with W0 = [Σ out_i, in] and y_offset = 0.
+    With a per-slot column scale col_scale [L + 1, Σ out_i] (DoRA's g; row L for the -1 tokens; inference):
+        y[t] = col_scale[l_t] ⊙ (x[t] W0ᵀ + the expand's term of t) + b       (l_t = L for a -1 token)
+    applied where each backend writes y (no per-token gather, no extra pass over y in the Triton kernels).
 
 `-1` tokens and slots without tokens do no LoRA work in the "triton" backend.
 
@@ -56,7 +59,7 @@ The seven LoRABatch tensors are passed in this order everywhere (see `LoRABatch`
     lora_kernels::multi_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor[] A_stacks,
         Tensor[] B_stacks, Tensor scalings, Tensor token_adapter, Tensor sorted_token_ids, Tensor seg_starts,
         Tensor seg_lens, Tensor tile_slot, Tensor tile_start, Tensor tile_end, Tensor? ranks,
-        str backend) -> Tensor                                                   (inference: no autograd)
+        str backend, Tensor? col_scale=None) -> Tensor                           (inference: no autograd)
     lora_kernels::multi_lora_linear_fwd(<multi_lora_linear's arguments up to ranks>, Tensor? dropout,
         Tensor? seed, str backend) -> (Tensor y, Tensor S)                        (autograd: the bwd op)
     lora_kernels::multi_lora_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor[] A_stacks,
@@ -80,17 +83,18 @@ import torch
 from torch import Tensor
 
 from lora_kernels import dispatch
-from lora_kernels.backends import check_backend, resolve_backend
+from lora_kernels.backends import check_backend, default_backend, resolve_backend
 from lora_kernels.dropout import new_seed
 from lora_kernels.kernels.tiling import num_tiles, tile_block_m  # noqa: F401 (re-exported)
 from lora_kernels.ops import plumbing
 from lora_kernels.ops.batch import LoRABatch, StepDropout, _ids_tensor, dropout_tensor  # noqa: F401 (re-exported)
 from lora_kernels.ops.multi_lora_checks import (_check_batch_obj, _ranks_arg, _scalings_arg, as_list,
                                                 check_expand_args, check_linear_args, check_shrink_args)
-from lora_kernels.ops.multi_lora_torch import (_compute_dtype, dropped_input, torch_bwd, torch_expand,  # noqa: F401
-                                               torch_fwd, torch_linear, torch_shrink)
+from lora_kernels.ops.multi_lora_torch import (_compute_dtype, apply_col_scale, dropped_input,  # noqa: F401
+                                               torch_bwd, torch_expand, torch_fwd, torch_linear, torch_shrink)
 from lora_kernels.ops.plumbing import KERNEL_DTYPES, below_autograd, seed_tensor
 from lora_kernels.ops.plumbing import shape_str as _shape
+from lora_kernels.quant import QuantWeight, check_quant_weight
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -107,10 +111,10 @@ def _native_expand(S, B_stacks, bt, y, scalings, ranks, y_offset):
         torch.ops.lora_kernels.native_lora_expand.default(S, B_stacks, *bt, y, scalings, ranks, y_offset)
 
 
-def _native_linear(x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks):
+def _native_linear(x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks, col_scale=None):
     with below_autograd():
         return torch.ops.lora_kernels.native_multi_lora_linear.default(x, weight, bias, A_stacks, B_stacks, scalings,
-                                                                       *bt, ranks)
+                                                                       *bt, ranks, col_scale)
 
 
 def _kernels():
@@ -118,7 +122,8 @@ def _kernels():
 
 
 # Every backend's implementation of the three inference ops, with the registered ops' arguments (the seven
-# LoRABatch tensors as one tuple `bt`). "composite" differs from "triton" only for the linear (cuBLAS base GEMM).
+# LoRABatch tensors as one tuple `bt`; LINEAR's take an optional col_scale last). "composite" differs from
+# "triton" only for the linear (cuBLAS base GEMM).
 SHRINK = {"torch": torch_shrink, "native": _native_shrink,
           "triton": lambda *a: _kernels().lora_shrink_triton(*a),
           "composite": lambda *a: _kernels().lora_shrink_triton(*a)}
@@ -202,6 +207,8 @@ def _key_fields(phase: str, args: tuple) -> dict:
         fields.update(drop=int(args[10] is not None), need="".join("1" if n else "0" for n in args[-3:]))
     else:
         fields["bias"] = int(args[2] is not None)
+        if phase == "linear" and len(args) > 8 and args[8] is not None:  # col_scale (absent: the keys as before)
+            fields["cs"] = 1
     return fields
 
 
@@ -235,8 +242,9 @@ def _run_bwd(backend, dy, x, weight, A_stacks, B_stacks, S, scalings, bt, ranks,
                                                  seed, need_dx, need_dA, need_dB))
 
 
-def _run_linear(backend, x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks):
-    return plumbing.run(FAMILY, "linear", backend, (x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks))
+def _run_linear(backend, x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks, col_scale=None):
+    args = (x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks)
+    return plumbing.run(FAMILY, "linear", backend, args if col_scale is None else (*args, col_scale))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -277,16 +285,18 @@ def _(S, B_stacks, token_adapter, sorted_token_ids, seg_starts, seg_lens, tile_s
 def multi_lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_stacks: list[Tensor],
                          B_stacks: list[Tensor], scalings: Tensor, token_adapter: Tensor, sorted_token_ids: Tensor,
                          seg_starts: Tensor, seg_lens: Tensor, tile_slot: Tensor, tile_start: Tensor,
-                         tile_end: Tensor, ranks: Optional[Tensor], backend: str) -> Tensor:
-    """y [T, out] = x W0ᵀ + b + per-token LoRA (see the module docstring), in x's dtype. Inference (no
-    autograd formula; training goes through multi_lora_linear_fwd). backend "auto" = measured dispatch."""
+                         tile_end: Tensor, ranks: Optional[Tensor], backend: str,
+                         col_scale: Optional[Tensor] = None) -> Tensor:
+    """y [T, out] = x W0ᵀ + b + per-token LoRA (see the module docstring), in x's dtype; with col_scale
+    [L + 1, out], y[t] = col_scale[l_t] ⊙ (x[t] W0ᵀ + LoRA[t]) + b. Inference (no autograd formula; training
+    goes through multi_lora_linear_fwd). backend "auto" = measured dispatch."""
     bt = (token_adapter, sorted_token_ids, seg_starts, seg_lens, tile_slot, tile_start, tile_end)
-    return _run_linear(backend, x, weight, bias, list(A_stacks), list(B_stacks), scalings, bt, ranks)
+    return _run_linear(backend, x, weight, bias, list(A_stacks), list(B_stacks), scalings, bt, ranks, col_scale)
 
 
 @multi_lora_linear_op.register_fake
 def _(x, weight, bias, A_stacks, B_stacks, scalings, token_adapter, sorted_token_ids, seg_starts, seg_lens,
-      tile_slot, tile_start, tile_end, ranks, backend):
+      tile_slot, tile_start, tile_end, ranks, backend, col_scale=None):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -430,7 +440,7 @@ def lora_expand(S: Tensor, B_stack, batch: LoRABatch, y: Tensor, scalings, ranks
 
 def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_stack, B_stack, scalings,
                       batch: LoRABatch, ranks: Optional[Tensor] = None, backend: Optional[str] = None,
-                      dropout_p=None, training: bool = False) -> Tensor:
+                      dropout_p=None, training: bool = False, col_scale: Optional[Tensor] = None) -> Tensor:
     """Fused multi-adapter LoRA linear: ``y[t] = x[t] W0ᵀ + b + s_l · (x̂[t] A_lᵀ) B_lᵀ``, l = slot of t.
 
     Inference ("triton"): the grouped shrink, then the base GEMM over the tokens in sorted order with the
@@ -448,9 +458,20 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_stack
         dropout_p: LoRA dropout, applied to the LoRA path only when `training`: None, a float in [0, 1) for
             every slot, or a float tensor [L] of per-slot probabilities. The mask is regenerated from one seed
             per call (drawn from torch's CPU generator): `lk.dropout_mask(seed, (T, in), p_l)` row t.
+        col_scale: None, or a per-slot column scale [L + 1, out] (DoRA's g = m / ‖W0 + s B A‖ of each slot,
+            1 for plain slots; row L for the tokens with no adapter) in float32 (or the LoRA compute dtype,
+            "torch" backend): ``y[t] = col_scale[l_t] ⊙ (x[t] W0ᵀ + s_l · (x[t] A_lᵀ) B_lᵀ) + b``, the bias
+            added after the scale. Every backend applies it where y is written (the fused GEMM's / the
+            expand's epilogue; the C++ kernel's last pass over its rows), without a per-token gather; rounded
+            once into x's dtype. With autograd or dropout (or a quantized W0) it is applied after the op
+            instead, differentiably (y rounded twice there).
 
     Returns y: [..., out] in x's dtype. Gradients flow to x and to the A/B stacks (each in its own dtype);
     not to scalings.
+
+    `weight` may also be a quantized W0, a `lora_kernels.quant.QuantWeight` (nf4 / fp4, nested or not;
+    int8_row; `quant.from_bnb(layer)` converts a bitsandbytes layer): y then uses deq(W0) in x's dtype (see
+    `run_quant_linear`).
     """
     _check_batch_obj(batch)
     if not isinstance(x, Tensor):
@@ -460,29 +481,155 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_stack
     scalings = _scalings_arg(scalings, batch.num_slots, x.device)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() >= 1 else x
-    check_linear_args(x2, weight, bias, A_stacks, B_stacks, scalings, bt, ranks, backend)
+    qweight = weight if isinstance(weight, QuantWeight) else None
+    if qweight is not None:
+        check_quant_weight(*qweight, name="weight")
+        if qweight.device != x.device:
+            raise ValueError(f"weight (a QuantWeight) must be on x's device {x.device}, got {qweight.device}")
+        # The checks read only the weight's shape, dtype and device: a stride-0 stand-in of x's dtype.
+        weight = x2.new_zeros(()).expand(*qweight.shape) if x2.dim() == 2 else weight
+    check_linear_args(x2, weight, bias, A_stacks, B_stacks, scalings, bt, ranks, backend, col_scale)
     dropout, seed = dropout_args(dropout_p, batch.num_slots, x.device, training)
-    y = run_linear(x2, weight, bias, A_stacks, B_stacks, scalings, bt, ranks, backend, dropout, seed)
+    if qweight is not None:
+        y = run_quant_linear(x2, qweight, bias, A_stacks, B_stacks, scalings, bt, ranks, backend, dropout, seed,
+                             col_scale)
+    else:
+        y = run_linear(x2, weight, bias, A_stacks, B_stacks, scalings, bt, ranks, backend, dropout, seed, col_scale)
     return y.view(*lead, weight.shape[0])
 
 
 def run_linear(x2: Tensor, weight: Tensor, bias, A_stacks: list, B_stacks: list, scalings: Tensor, bt: tuple,
-               ranks, backend: Optional[str], dropout=None, seed=None) -> Tensor:
+               ranks, backend: Optional[str], dropout=None, seed=None, col_scale=None) -> Tensor:
     """multi_lora_linear on checked arguments (x2 is [T, in]; dropout and seed from `dropout_args`): the
     registered ops when traced, else the implementations directly -- under plumbing.LoRAFunction when a
-    gradient is needed, bare otherwise (the inference path: no autograd machinery at all)."""
+    gradient is needed, bare otherwise (the inference path: no autograd machinery at all). col_scale: in the
+    inference op's epilogue; with a gradient or dropout, applied to the bias-free result instead."""
     grad = torch.is_grad_enabled()
     if grad:
         plumbing.check_frozen_base("multi_lora_linear", weight, bias)
-        grad = x2.requires_grad or any(t.requires_grad for t in A_stacks) or any(t.requires_grad for t in B_stacks)
+        grad = (x2.requires_grad or any(t.requires_grad for t in A_stacks) or any(t.requires_grad for t in B_stacks)
+                or (col_scale is not None and col_scale.requires_grad))
+    if col_scale is not None and (grad or seed is not None):
+        y = run_linear(x2, weight, None, A_stacks, B_stacks, scalings, bt, ranks, backend, dropout, seed)
+        return apply_col_scale(y.to(col_scale.dtype), col_scale, bt[0], bias).to(x2.dtype)
     if plumbing.traced():
         if grad or seed is not None:
             return multi_lora_linear_fwd(x2, weight, bias, A_stacks, B_stacks, scalings, *bt, ranks,
                                          dropout_tensor(dropout), seed_tensor(seed), backend or "auto")[0]
-        return multi_lora_linear_op(x2, weight, bias, A_stacks, B_stacks, scalings, *bt, ranks, backend or "auto")
+        return multi_lora_linear_op(x2, weight, bias, A_stacks, B_stacks, scalings, *bt, ranks, backend or "auto",
+                                    col_scale)
     if grad:
         return plumbing.eager_grad(FAMILY, backend, x2, weight, bias, A_stacks, B_stacks,
                                    (scalings, bt, ranks, dropout, seed))
     if seed is not None:
         return _run_fwd(backend, x2, weight, bias, A_stacks, B_stacks, scalings, bt, ranks, dropout, seed)[0]
-    return _run_linear(backend, x2, weight, bias, A_stacks, B_stacks, scalings, bt, ranks)
+    return _run_linear(backend, x2, weight, bias, A_stacks, B_stacks, scalings, bt, ranks, col_scale)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Over a quantized base (QLoRA): W0 as a QuantWeight, its base product by ops/qlora.py's dequantize / fused
+# base, the grouped LoRA as above
+# ----------------------------------------------------------------------------------------------------
+
+class _QuantLinearFunction(torch.autograd.Function):
+    """run_linear's autograd over a quantized W0: the forward dequantizes W0 for the family's forward and drops
+    the dense copy; the backward dequantizes it again only for dx (as qlora_linear's dense backends do), so no
+    [out, in] copy lives from the forward to the backward.
+    apply(x2, opts, *A_stacks, *B_stacks), opts = (backend, base_backend, qweight, bias, scalings, bt, ranks,
+    dropout, seed)."""
+
+    @staticmethod
+    def forward(ctx, x, opts, *ab):
+        from lora_kernels.ops import qlora
+        backend, base, qweight, bias, scalings, bt, ranks, dropout, seed = opts
+        ns = len(ab) // 2
+        W = qlora.dequantize_base(qweight, x.dtype, base)
+        y, S = _run_fwd(backend, x, W, bias, list(ab[:ns]), list(ab[ns:]), scalings, bt, ranks, dropout, seed)
+        ctx.save_for_backward(x, S, *ab)
+        ctx.opts = opts
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from lora_kernels.ops import qlora
+        x, S, *ab = ctx.saved_tensors
+        backend, base, qweight, _, scalings, bt, ranks, dropout, seed = ctx.opts
+        needs = ctx.needs_input_grad
+        ns = len(ab) // 2
+        need_A, need_B = needs[2:2 + ns], needs[2 + ns:]
+        if needs[0]:
+            W = qlora.dequantize_base(qweight, x.dtype, base)
+        else:  # not read: an [out, in] view of one element
+            W = x.new_zeros(()).expand(*qweight.shape)
+        dx, dA, dB = _run_bwd(backend, dy.contiguous(), x, W, ab[:ns], ab[ns:], S, scalings, bt, ranks, dropout, seed,
+                              needs[0], any(need_A), any(need_B))
+        return (dx if needs[0] else None, None, *plumbing._grads(dA, need_A), *plumbing._grads(dB, need_B))
+
+
+class _QuantBaseFunction(torch.autograd.Function):
+    """y = x deq(W0)ᵀ + b with dx = G deq(W0), W0 dequantized again in the backward (not kept from the
+    forward). apply(x2, qweight, bias, base_backend)."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, bias, base):
+        from lora_kernels.ops import qlora
+        ctx.qweight, ctx.base = qweight, base
+        return torch.nn.functional.linear(x, qlora.dequantize_base(qweight, x.dtype, base), bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from lora_kernels.ops import qlora
+        return dy @ qlora.dequantize_base(ctx.qweight, dy.dtype, ctx.base), None, None, None
+
+
+def quant_base_linear(x2: Tensor, qweight: QuantWeight, bias: Optional[Tensor], backend: Optional[str]) -> Tensor:
+    """The base alone over a quantized W0: ``y = x deq(W0)ᵀ + b`` [T, out] in x's dtype (x2 [T, in]; bias in x's
+    dtype or None, frozen), by run_quant_linear's base product: qlora's fused base where it has one (no
+    autograd), else the bit-exact dequantize and a dense GEMM; with autograd dx = G deq(W0), W0 dequantized again
+    in the backward. For a layer none of whose adapters is in the batch."""
+    from lora_kernels.ops import qlora
+    base = backend if backend is not None else default_backend(x2.device)
+    if torch.is_grad_enabled() and x2.requires_grad:
+        plumbing.check_frozen_base("multi_lora_linear", qweight.codes, bias)
+        return _QuantBaseFunction.apply(x2, qweight, bias, base)
+    y = qlora.fused_base_linear(x2, qweight, bias, base)
+    return y if y is not None else torch.nn.functional.linear(x2, qlora.dequantize_base(qweight, x2.dtype, base), bias)
+
+
+def run_quant_linear(x2: Tensor, qweight: QuantWeight, bias, A_stacks: list, B_stacks: list, scalings: Tensor,
+                     bt: tuple, ranks, backend: Optional[str], dropout=None, seed=None, col_scale=None) -> Tensor:
+    """run_linear with a quantized base: ``y = x deq(W0)ᵀ + b + the grouped LoRA`` (module docstring), x2
+    [T, in], arguments checked (multi_lora_linear with a QuantWeight). W0 and b get no gradient.
+
+    The base product is ops/qlora.py's for the qlora backend of the same name (backend None: the device's
+    default one, "native" on CPU with the extension): without autograd or dropout and where that backend
+    decodes W0 on the fly (`qlora.fused_base_linear`: "native", float32: the fused GEMV up to qlora.GEMV_MAX_M
+    rows, W0 dequantized a block of rows at a time above), y is that product plus the grouped shrink / expand
+    added in place; otherwise W0 is dequantized (`qlora.dequantize_base`, bit-exact) and the dense
+    multi_lora_linear runs on it -- exactly dequantize-then-dense. With autograd the dense copy is not kept for
+    the backward (`_QuantLinearFunction`). col_scale [L + 1, out] (DoRA's g per slot): y[t] = g[l_t] ⊙ (x[t]
+    deq(W0)ᵀ + LoRA[t]) + b, applied after the sum."""
+    if col_scale is not None:  # applied after the base + LoRA sum (differentiable, y rounded twice in 16 bits)
+        y = run_quant_linear(x2, qweight, None, A_stacks, B_stacks, scalings, bt, ranks, backend, dropout, seed)
+        return apply_col_scale(y.to(col_scale.dtype), col_scale, bt[0], bias).to(x2.dtype)
+    from lora_kernels.ops import qlora
+    base = backend if backend is not None else default_backend(x2.device)
+    grad = torch.is_grad_enabled()
+    if grad:
+        plumbing.check_frozen_base("multi_lora_linear", qweight.codes, bias)
+        grad = x2.requires_grad or any(t.requires_grad for t in A_stacks) or any(t.requires_grad for t in B_stacks)
+    if plumbing.traced():  # the registered ops on the dequantized weight
+        return run_linear(x2, qlora.dequantize_base(qweight, x2.dtype, base), bias, A_stacks, B_stacks, scalings,
+                          bt, ranks, backend, dropout, seed)
+    if grad:
+        return _QuantLinearFunction.apply(x2, (backend, base, qweight, bias, scalings, bt, ranks, dropout, seed),
+                                          *A_stacks, *B_stacks)
+    if seed is None and A_stacks[0].dtype == x2.dtype and scalings.dtype == torch.float32:
+        y = qlora.fused_base_linear(x2, qweight, bias, base)
+        if y is not None:
+            if y.shape[0]:
+                S = SHRINK[base](x2, A_stacks, bt, ranks)
+                EXPAND[base](S, B_stacks, bt, y, scalings, ranks, 0)
+            return y
+    W = qlora.dequantize_base(qweight, x2.dtype, base)
+    return run_linear(x2, W, bias, A_stacks, B_stacks, scalings, bt, ranks, backend, dropout, seed)

@@ -129,7 +129,8 @@ def check_expand_args(S, B_stacks, batch_tensors, y, scalings, ranks, y_offset, 
         raise TypeError(f"backend={backend!r} needs S and scalings in float32, got {S.dtype}, {scalings.dtype}")
 
 
-def check_linear_args(x, weight, bias, A_stacks, B_stacks, scalings, batch_tensors, ranks, backend) -> None:
+def check_linear_args(x, weight, bias, A_stacks, B_stacks, scalings, batch_tensors, ranks, backend,
+                      col_scale=None) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != 2:
         raise ValueError(f"x must be a floating-point tensor of shape [T, in], got {_shape(x)}")
     T, in_f = x.shape
@@ -155,6 +156,23 @@ def check_linear_args(x, weight, bias, A_stacks, B_stacks, scalings, batch_tenso
     _check_triton_dtypes(backend, "x", x, "A_stack", A_stacks)
     if backend in _KERNEL_BACKENDS and scalings.dtype != torch.float32:
         raise TypeError(f"backend={backend!r} needs scalings in float32, got {scalings.dtype}")
+    check_col_scale(col_scale, x, A_stacks, out_f, L, backend)
+
+
+def check_col_scale(col_scale, x, A_stacks, out_f: int, L: int, backend) -> None:
+    """col_scale: None, or [L + 1, out] in float32 or the LoRA compute dtype (float32 only for the kernel
+    backends), on x's device."""
+    if col_scale is None:
+        return
+    ct = torch.promote_types(torch.promote_types(x.dtype, A_stacks[0].dtype), torch.float32)
+    ok = (torch.float32,) if backend in _KERNEL_BACKENDS else tuple({torch.float32, ct})
+    if not isinstance(col_scale, Tensor) or col_scale.shape != (L + 1, out_f) or col_scale.dtype not in ok:
+        raise ValueError(f"col_scale must be None or a tensor of shape [L+1={L + 1}, out={out_f}] (row L: the "
+                         f"tokens with no adapter) in {' or '.join(str(d) for d in ok)}"
+                         f"{'' if backend not in _KERNEL_BACKENDS else f' for backend={backend!r}'}, got "
+                         f"{_shape(col_scale)}{' ' + str(col_scale.dtype) if isinstance(col_scale, Tensor) else ''}")
+    if col_scale.device != x.device:
+        raise ValueError(f"col_scale is on {col_scale.device}, the inputs on {x.device}")
 
 
 # The public functions' argument normalisation (before the checks above).

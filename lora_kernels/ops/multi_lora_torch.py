@@ -138,8 +138,28 @@ def torch_fwd(x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks, dropout,
     return y, S
 
 
-def torch_linear(x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks):
-    return torch_fwd(x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks, None, None)[0]
+def torch_linear(x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks, col_scale=None):
+    if col_scale is None:
+        return torch_fwd(x, weight, bias, A_stacks, B_stacks, scalings, bt, ranks, None, None)[0]
+    # y = col_scale[l_t] ⊙ (x W0ᵀ + LoRA) + b: the base in x's dtype (as torch_fwd's), the LoRA added, the
+    # scale and the bias applied in the compute dtype, rounded once into x's dtype.
+    ct = _compute_dtype(x, A_stacks[0])
+    y = torch.nn.functional.linear(x, weight).to(ct)
+    if y.shape[0] > 0:
+        torch_expand(torch_shrink(x, A_stacks, bt, ranks), B_stacks, bt, y, scalings, ranks, 0)
+    return apply_col_scale(y, col_scale, bt[0], bias).to(x.dtype)
+
+
+def apply_col_scale(y: Tensor, col_scale: Tensor, token_adapter: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """col_scale[l_t] ⊙ y[t] + b in y's dtype (y [T, out]; col_scale [L + 1, out], row L for the -1 tokens;
+    token_adapter [T]; bias [out] or None). The rows of col_scale gathered per token: the "torch" backend and
+    the differentiable fallback (autograd reaches y, col_scale and b)."""
+    L = col_scale.shape[0] - 1
+    key = torch.where(token_adapter >= 0, token_adapter, L).long()
+    g = col_scale.to(y.dtype).index_select(0, key)
+    if bias is None:
+        return y * g
+    return torch.addcmul(bias.to(y.dtype), y, g)
 
 
 def torch_bwd(dy, x, weight, A_stacks, B_stacks, S, scalings, bt, ranks, dropout, seed, need_dx, need_dA, need_dB):

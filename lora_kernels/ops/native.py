@@ -22,7 +22,7 @@ arguments minus `backend`:
                        tile_start, tile_end, ranks?) -> S [T, NS·R] float32
     native_lora_expand(S, B_stacks, <the 7 LoRABatch tensors>, y, scalings, ranks?, y_offset) -> ()  (y += ...)
     native_multi_lora_linear(x, weight, bias?, A_stacks, B_stacks, scalings, <the 7 LoRABatch tensors>,
-                             ranks?) -> y [T, out]
+                             ranks?, col_scale [L + 1, out]? = None) -> y [T, out]
         (semantics in lora_kernels/ops/multi_lora.py; inference only, no autograd. The CPU kernels walk the
         segments (sorted_token_ids, seg_starts, seg_lens, checked against token_adapter on the host): GEMMs for
         slots with >= 8 tokens, per-token dot products below; the CUDA kernels index tokens by token_adapter and
@@ -38,8 +38,14 @@ arguments minus `backend`:
         a 4-bit (NF4 / FP4) weight packed two codes a byte over the flattened [N, K] weight, 64-element blocks
         (they cross rows when K % 64 != 0); absmax already un-nested (lora_kernels/quant.py)
     native_quant4_linear(x [M, K] float32, codes, absmax, table, bias [N]?, N) -> x deq(W0)ᵀ + b [M, N] float32:
-        dequantized on the fly for small M (the dense weight is never written), dequantize + GEMM above
-        (CPU only: the CUDA registrations raise; lora_kernels/ops/qlora.py runs them)
+        dequantized on the fly for small M, a row block of W0 at a time into a reused L2-sized scratch and
+        the GEMM on that block above (the dense weight is never written)
+    native_quant4_linear_dx(dy [M, N] float32, codes, absmax, table, K) -> dy deq(W0) [M, K] float32: the
+        same row blocks, dx accumulated block by block
+    native_quant4_absmax(q_absmax uint8 [nb], nested_absmax float32, nested_code float32 [256],
+                         nested_offset float32 [1], nested_blocksize) -> absmax float32 [nb]: the nested
+        absmax dequantized (bit-exact with lora_kernels.reference.dequantize_absmax)
+        (quant4 ops: CPU only, the CUDA registrations raise; lora_kernels/ops/qlora.py runs them)
 
 The CPU dropout ops generate the mask 8 Philox counters at a time with AVX2 when the CPU has it, chosen at run
 time (`lora_kernels._C.CPU_DROPOUT_ISA` says "avx2" or "scalar"; LORA_KERNELS_CPU_ISA=scalar forces the portable
@@ -57,7 +63,7 @@ from lora_kernels.backends import NATIVE
 NATIVE_OPS = ("native_lora_linear_fwd", "native_lora_linear_bwd", "native_dropout", "native_dropout_add_",
               "native_dropout_mask", "native_lora_shrink", "native_lora_expand", "native_multi_lora_linear",
               "native_multi_lora_linear_fwd", "native_multi_lora_linear_bwd", "native_quant4_dequantize",
-              "native_quant4_linear")
+              "native_quant4_linear", "native_quant4_linear_dx", "native_quant4_absmax")
 
 
 def _lora_dtype(x: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype:
@@ -108,7 +114,7 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "native_multi_lora_linear")
     def _(x, weight, bias, A_stacks, B_stacks, scalings, token_adapter, sorted_token_ids, seg_starts, seg_lens,
-          tile_slot, tile_start, tile_end, ranks):
+          tile_slot, tile_start, tile_end, ranks, col_scale=None):
         return x.new_empty(x.shape[0], weight.shape[0])
 
     @torch.library.register_fake(lib + "native_multi_lora_linear_fwd")
@@ -131,6 +137,14 @@ def _register() -> None:
     @torch.library.register_fake(lib + "native_quant4_linear")
     def _(x, codes, absmax, table, bias, N):
         return x.new_empty(x.shape[0], N, dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "native_quant4_linear_dx")
+    def _(dy, codes, absmax, table, K):
+        return dy.new_empty(dy.shape[0], K, dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "native_quant4_absmax")
+    def _(q_absmax, nested_absmax, nested_code, nested_offset, nested_blocksize):
+        return nested_absmax.new_empty(q_absmax.numel(), dtype=torch.float32)
 
     # Autograd: the native forward is usable on its own (the Python op lora_linear_fwd has its own formula).
     def fwd_setup_context(ctx, inputs, output):

@@ -16,10 +16,12 @@ Every backend implements the LoRA convention of `ops/plumbing.py` with the quant
 
 Backends:
     "torch"   dequantize with PyTorch ops, then `lora_linear`'s "torch" implementation on the dense W0.
-    "native"  the C++ kernels (csrc/quant_cpu.cpp): for float32 x with M <= GEMV_MAX_M a GEMV/GEMM that decodes
-              W0 on the fly and never writes a dense copy, plus the fused LoRA side; otherwise a vectorised
-              dequantize and `lora_linear`'s "native" implementation (the machine's BLAS). Other formats and
-              devices: the "torch" dequantize, then the same.
+    "native"  the C++ kernels (csrc/quant_cpu.cpp), for float32 x: with M <= GEMV_MAX_M a GEMV/GEMM that
+              decodes W0 on the fly; above, W0 dequantized a row block at a time into a reused L2-sized
+              scratch with the machine's GEMM on each block; dx = G deq(W0) the same way. No dense copy of W0
+              either way; the LoRA side by `lora_linear`'s ops. Other dtypes: a vectorised dequantize and
+              `lora_linear`'s "native" implementation (the machine's BLAS). Other formats and devices: the
+              "torch" dequantize, then the same.
     "composite" (CUDA; the untuned default) the PyTorch dequantize, then `lora_linear`'s composite (cuBLAS +
               the Triton LoRA side).
     "triton"  (CUDA) nf4 / fp4: the fused W4A16 GEMM of kernels/qlora.py (W0 decoded tile by tile in the main
@@ -50,8 +52,8 @@ from lora_kernels.ops.plumbing import shape_str as _shape
 from lora_kernels.quant import QuantFormat, QuantWeight
 
 # Up to this many rows of x, the "native" forward decodes W0 on the fly (GEMV/GEMM: every decoded value is
-# used M times); above, one dequantize plus the BLAS GEMM wins. Measured on the 2-core dev CPU (AVX-512,
-# 896 -> 4864, 1 thread): fused 0.21 ms vs dequantize + GEMM 1.3 ms at M = 1, even at M = 16.
+# used M times); above, the blocked dequantize + GEMM wins. The cutoff is csrc/quant_cpu.cpp's kGemvMaxM (the op
+# chooses); this mirrors it for the benchmark's path labels. Measured: see kGemvMaxM.
 GEMV_MAX_M = 8
 
 HAS_NATIVE_QUANT = NATIVE is not None and hasattr(torch.ops.lora_kernels, "native_quant4_linear")
@@ -120,10 +122,21 @@ def _native_ok(codes: Tensor, fmt: QuantFormat) -> bool:
     return HAS_NATIVE_QUANT and fmt.is_4bit and codes.is_cpu and fmt.dtype == torch.float32
 
 
+def _absmax_native(fmt: QuantFormat, absmax, nested_absmax, nested_code, nested_offset) -> Tensor:
+    """`quant.resolve_absmax` in one C++ pass (bit-exact): the PyTorch ops took 0.6 ms for 896 x 4864 (68k
+    blocks), half of a decode step's fused GEMV; the loop takes ~0.03 ms."""
+    if not fmt.nested:
+        return absmax
+    with below_autograd():
+        return torch.ops.lora_kernels.native_quant4_absmax.default(
+            absmax.reshape(-1), nested_absmax.float().reshape(-1), nested_code.float().reshape(-1).contiguous(),
+            nested_offset.float().reshape(-1), fmt.nested_blocksize)
+
+
 def _deq_native(x_dtype, codes, absmax, nested_absmax, nested_code, nested_offset, fmt) -> Tensor:
     if not _native_ok(codes, fmt):
         return _deq_torch(x_dtype, codes, absmax, nested_absmax, nested_code, nested_offset, fmt)
-    a = quant.resolve_absmax(fmt, absmax, nested_absmax, nested_code, nested_offset)
+    a = _absmax_native(fmt, absmax, nested_absmax, nested_code, nested_offset)
     with below_autograd():
         W = torch.ops.lora_kernels.native_quant4_dequantize.default(codes, a, quant.table(fmt.quant_type, codes.device),
                                                                     fmt.shape[0], fmt.shape[1])
@@ -182,14 +195,22 @@ _torch_bwd = _dense_bwd(_deq_torch, _lora.torch_bwd)
 _native_dense_fwd = _dense_fwd(_deq_native, _lora.native_fwd)
 
 
+def _native_base(x, codes, bias, absmax, nested_absmax, nested_code, nested_offset, fmt) -> Optional[Tensor]:
+    """y = x deq(W0)ᵀ + b by the C++ op (csrc/quant_cpu.cpp: the fused GEMV up to GEMV_MAX_M rows, row blocks of
+    W0 dequantized into a reused scratch and multiplied above that: never a dense W0), for float32 x [M, in] and
+    bias over a 4-bit format the extension reads; None otherwise."""
+    if not (x.dtype == torch.float32 and _native_ok(codes, fmt) and (bias is None or bias.dtype == torch.float32)):
+        return None
+    a = _absmax_native(fmt, absmax, nested_absmax, nested_code, nested_offset)
+    with below_autograd():
+        return torch.ops.lora_kernels.native_quant4_linear.default(x, codes, a, quant.table(fmt.quant_type, x.device),
+                                                                   bias, fmt.shape[0])
+
+
 def native_fwd(x, codes, bias, lora_A, lora_B, scaling, dropout_p, seed, absmax, nested_absmax, nested_code,
                nested_offset, fmt):
-    if x.shape[0] <= GEMV_MAX_M and x.dtype == torch.float32 and _native_ok(codes, fmt) and \
-            (bias is None or bias.dtype == torch.float32):
-        a = quant.resolve_absmax(fmt, absmax, nested_absmax, nested_code, nested_offset)
-        with below_autograd():
-            y = torch.ops.lora_kernels.native_quant4_linear.default(x, codes, a, quant.table(fmt.quant_type, x.device),
-                                                                    bias, fmt.shape[0])
+    y = _native_base(x, codes, bias, absmax, nested_absmax, nested_code, nested_offset, fmt)
+    if y is not None:
         return y, _lora.add_lora_(y, x, lora_A, lora_B, scaling, dropout_p, seed)
     if NATIVE is None or x.dtype not in KERNEL_DTYPES or not (lora_A.dtype == x.dtype or lora_A.dtype == torch.float32):
         return _torch_fwd(x, codes, bias, lora_A, lora_B, scaling, dropout_p, seed, absmax, nested_absmax,
@@ -198,7 +219,30 @@ def native_fwd(x, codes, bias, lora_A, lora_B, scaling, dropout_p, seed, absmax,
                              nested_code, nested_offset, fmt)
 
 
-native_bwd = _dense_bwd(_deq_native, _lora.native_bwd)
+_native_dense_bwd = _dense_bwd(_deq_native, _lora.native_bwd)
+
+
+def native_bwd(dy, x, codes, lora_A, lora_B, S, scaling, dropout_p, seed, absmax, nested_absmax, nested_code,
+               nested_offset, fmt, need_dx, need_dA, need_dB):
+    """dx's base term G deq(W0) by the blocked C++ op (no dense W0) for float32; the LoRA terms as
+    `lora_linear`'s "torch" backward computes them (its mm calls and the extension's dropout ops)."""
+    if not (need_dx and x.dtype == torch.float32 and dy.dtype == torch.float32 and lora_A.dtype == torch.float32
+            and _native_ok(codes, fmt)):
+        return _native_dense_bwd(dy, x, codes, lora_A, lora_B, S, scaling, dropout_p, seed, absmax, nested_absmax,
+                                 nested_code, nested_offset, fmt, need_dx, need_dA, need_dB)
+    a = _absmax_native(fmt, absmax, nested_absmax, nested_code, nested_offset)
+    with below_autograd():
+        dx = torch.ops.lora_kernels.native_quant4_linear_dx.default(dy.contiguous(), codes, a,
+                                                                    quant.table(fmt.quant_type, x.device),
+                                                                    fmt.shape[1])
+    dB = torch.mm(dy.t(), S).mul_(scaling) if need_dB else None  # float32 throughout (lora_B has lora_A's dtype)
+    dS = torch.mm(dy, lora_B).mul_(scaling)  # [M, r]
+    dA = torch.mm(dS.t(), _lora._x_hat(x, torch.float32, dropout_p, seed)) if need_dA else None
+    if seed is None:
+        dx.addmm_(dS, lora_A)
+    else:
+        _lora._add_dropped(dx, torch.mm(dS, lora_A), dropout_p, seed)
+    return dx, dA, dB
 
 
 def bnb_fwd(x, codes, bias, lora_A, lora_B, scaling, dropout_p, seed, absmax, nested_absmax, nested_code,
@@ -236,7 +280,20 @@ def triton_fwd(x, codes, bias, lora_A, lora_B, scaling, dropout_p, seed, absmax,
                                                              plumbing.seed_int(seed))
 
 
-triton_bwd = _dense_bwd(_deq_triton, _lora.triton_bwd)
+_triton_dense_bwd = _dense_bwd(_deq_triton, _lora.triton_bwd)
+
+
+def triton_bwd(dy, x, codes, lora_A, lora_B, S, scaling, dropout_p, seed, absmax, nested_absmax, nested_code,
+               nested_offset, fmt, need_dx, need_dA, need_dB):
+    """nf4 / fp4: dx = G deq(W0) by the W4A16 GEMM reading W0 transposed (kernels/qlora.py: no dense copy);
+    int8_row through the dense Triton path. "composite" (dequantize + cuBLAS) is the other candidate: measured
+    dispatch picks between them per shape."""
+    if not fmt.is_4bit:
+        return _triton_dense_bwd(dy, x, codes, lora_A, lora_B, S, scaling, dropout_p, seed, absmax, nested_absmax,
+                                 nested_code, nested_offset, fmt, need_dx, need_dA, need_dB)
+    qw = QuantWeight(fmt, codes, absmax, nested_absmax, nested_code, nested_offset)
+    return plumbing.kernels("qlora").qlora_linear_bwd_triton(dy, x, qw, lora_A, lora_B, S, scaling, dropout_p,
+                                                             plumbing.seed_int(seed), need_dx, need_dA, need_dB)
 
 # backend -> (fwd, bwd). FAMILY's tables are views of this dict: replacing an entry (as tests do) takes effect.
 IMPLS: dict[str, tuple] = {
@@ -379,3 +436,34 @@ def qlora_linear(x: Tensor, qweight: QuantWeight, bias: Optional[Tensor], lora_A
         y = plumbing.run(FAMILY, "fwd", backend, (x2, codes, bias, lora_A, lora_B, scaling, dropout_p, seed, absmax,
                                                   n_absmax, n_code, n_offset, fmt))[0]
     return y if x.dim() == 2 else y.view(*x.shape[:-1], fmt.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The base product alone, for ops that add their own LoRA term (the multi-adapter layer over a quantized
+# base, ops/multi_lora.py): the same dequantize / fused base each backend above runs, nothing new.
+# ----------------------------------------------------------------------------------------------------
+
+# backend -> the dequantize of its dense forward and of its backward's dx (as in IMPLS above).
+_BASE_DEQ = {"torch": _deq_torch, "native": _deq_native, "bnb": _deq_bnb, "composite": _deq_torch,
+             "triton": _deq_triton}
+
+
+def dequantize_base(qweight: QuantWeight, dtype: torch.dtype, backend: str) -> Tensor:
+    """deq(W0) [out, in] in `dtype` by backend `backend`'s dequantize ("torch", "native", "composite", "triton",
+    "bnb"): bitsandbytes' dequantization to fmt.dtype, then cast to `dtype`; bit-exact with
+    `quant.dequantize` (the reference math) for every backend. No autograd (W0 is frozen)."""
+    if backend not in _BASE_DEQ:
+        raise ValueError(f"backend must be one of {tuple(_BASE_DEQ)}, got {backend!r}")
+    return _BASE_DEQ[backend](dtype, *qweight.tensors(), qweight.fmt)
+
+
+def fused_base_linear(x: Tensor, qweight: QuantWeight, bias: Optional[Tensor], backend: str) -> Optional[Tensor]:
+    """y = x deq(W0)ᵀ + b [M, out] in x's dtype without a dense copy of W0, where backend `backend`'s forward
+    has such a kernel for this call: "native" -- the C++ op decoding W0 on the fly (`_native_base`: float32 x
+    [M, in], float32 bias or none, a 4-bit format on CPU). None otherwise: the caller dequantizes
+    (`dequantize_base`) and runs a dense GEMM, as the dense paths above do. "bnb"'s matmul_4bit is left out: on
+    CPU it may run in bfloat16 (see the module docstring), and measured dispatch only takes it after verifying it
+    per shape. No autograd."""
+    if backend != "native" or x.dim() != 2:
+        return None
+    return _native_base(x, qweight.codes, bias, *qweight.tensors()[1:], qweight.fmt)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lora_kernels import quant
 from lora_kernels.layers.multi_lora import BatchContext, MultiLoRALinear, StepBatch
 from lora_kernels.ops.multi_lora import LoRABatch
 from lora_kernels.serving import adapter_files as files
@@ -96,7 +97,10 @@ def _names(adapter_names) -> list[str]:
 
 class MultiLoRAModel(nn.Module):
     """Wraps `model` (a transformers causal LM) in place: its targeted nn.Linear layers become
-    `MultiLoRALinear` with `max_loras` slots of rank <= `max_rank`.
+    `MultiLoRALinear` with `max_loras` slots of rank <= `max_rank`. A model loaded with a
+    `BitsAndBytesConfig` (or quantized in place) works the same: its bitsandbytes Linear4bit / Linear8bitLt
+    layers are linear layers here, and their MultiLoRALinear runs the base from the quantized weight (QLoRA
+    serving and training; the slots default to the dtype the weights were quantized from).
 
     target_modules: None (every nn.Linear except the output embedding), a list of module-name suffixes
     ("q_proj") or a regex matched against the full module name, as in PEFT's LoraConfig.
@@ -123,10 +127,12 @@ class MultiLoRAModel(nn.Module):
         out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         # What PEFT matches an adapter's target_modules against: every module of the unwrapped model.
         self._module_names = tuple(n for n, _ in model.named_modules())
-        linear = [n for n, m in model.named_modules() if type(m) is nn.Linear and m is not out_emb]
+        linear = [n for n, m in model.named_modules()
+                  if (type(m) is nn.Linear or quant.bnb_kind(m)) and m is not out_emb]
         targets = [n for n in linear if target_modules is None or files.matches_target(n, target_modules)]
         if not targets:
-            raise ValueError(f"target_modules={target_modules!r} matches no nn.Linear in the model")
+            raise ValueError(f"target_modules={target_modules!r} matches no nn.Linear (or bitsandbytes Linear4bit / "
+                             f"Linear8bitLt) in the model")
         wrapped = set(targets)
         self._other_linear = tuple(n for n in linear if n not in wrapped)
         self.layers: dict[str, MultiLoRALinear] = {}
