@@ -6,7 +6,8 @@
                    measured-dispatch cache.
     selftest()  -> list of check rows: every backend that runs on the device against the float64
                    reference (lora_kernels.reference): lora_linear forward and backward at a few shapes and
-                   dtypes, with dropout, and multi_lora_linear over mixed slots (ranks, -1 tokens, slices).
+                   dtypes, with dropout, multi_lora_linear over mixed slots (ranks, -1 tokens, slices),
+                   dora_linear (dropout, lora_B's bias) and qlora_linear over an NF4 base.
     format_info(d), format_selftest(rows) -> the text the command prints.
 
 The selftest is part of the package, so a `pip install` user without the repository's tests can check a
@@ -451,6 +452,102 @@ def _multi_lora_check(backend: str, device: torch.device, dtype: torch.dtype) ->
     return check
 
 
+# dora_linear: the odd-sized case of LORA_SHAPES with bias, lora_B's bias and dropout (the Triton backend's fused
+# kernel computes the norm in its GEMM); qlora_linear: an NF4 base with nested absmax and in % 64 != 0 (scale
+# blocks cross rows), built from random codes (no bitsandbytes needed).
+DORA_SHAPE = (37, 96, 80, 16)
+QLORA_SHAPE = (19, 90, 70, 8)
+
+
+def _finish(check: Check, errs: dict, outs: dict, want_dtypes: dict) -> Check:
+    """Fill `check` from the relative errors of its outputs; a wrong output dtype or an error above tol fails."""
+    for name, t in outs.items():
+        if t.dtype != want_dtypes[name]:
+            check.status = "FAIL"
+            check.detail = f"{name} has dtype {_dname(t.dtype)}, expected {_dname(want_dtypes[name])}"
+    worst = max(errs, key=lambda k: errs[k] if math.isfinite(errs[k]) else math.inf)
+    check.error = errs[worst]
+    if not check.error <= check.tol:  # NaN / inf fail too
+        check.status = "FAIL"
+        check.detail = check.detail or f"{worst}: relative error {check.error:.2e} > {check.tol:.0e}"
+    return check
+
+
+def _same_seed_mask(state, shape, dropout_p):
+    """The dropout mask an op drew from the default generator since `state`, drawn again."""
+    from lora_kernels import dropout
+    after = torch.random.get_rng_state()
+    torch.random.set_rng_state(state)
+    mask = dropout.dropout_mask(dropout.new_seed(), shape, dropout_p)
+    torch.random.set_rng_state(after)
+    return mask
+
+
+def _dora_check(backend: str, device: torch.device, dtype, adtype) -> Check:
+    from lora_kernels import reference
+    from lora_kernels.ops import dora
+
+    M, K, N, r = DORA_SHAPE
+    g = torch.Generator().manual_seed(11)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    W = rnd(N, K) / math.sqrt(K)
+    leaves = dict(x=rnd(M, K).to(device, dtype), A=(rnd(r, K) / math.sqrt(K)).to(device, adtype),
+                  B=(rnd(N, r) / math.sqrt(r)).to(device, adtype),
+                  m=(torch.linalg.vector_norm(W, dim=1) * (1 + 0.3 * rnd(N))).to(device, adtype),
+                  c=(0.1 * rnd(N)).to(device, adtype))
+    for t in leaves.values():
+        t.requires_grad_()
+    W, b, dy = W.to(device, dtype), rnd(N).to(device, dtype), rnd(M, N).to(device, dtype)
+    check = Check("dora_linear fwd+bwd", backend, f"M={M} {K}->{N} r={r} p={DROPOUT:g} lora_bias",
+                  f"x {_dname(dtype)}, A/B {_dname(adtype)}", tol=TOL[dtype])
+    state = torch.random.get_rng_state()
+    y = dora.dora_linear(leaves["x"], W, b, leaves["A"], leaves["B"], leaves["m"], 0.75, DROPOUT, training=True,
+                         backend=backend, lora_bias=leaves["c"])
+    mask = _same_seed_mask(state, (M, K), DROPOUT)
+    grads = dict(zip(("dx", "dA", "dB", "dm", "dc"), torch.autograd.grad(y, list(leaves.values()), dy)))
+    ref_in = {k: v.detach().to(torch.float64).cpu().requires_grad_() for k, v in leaves.items()}
+    f64 = lambda t: t.detach().to(torch.float64).cpu()  # noqa: E731
+    y_ref = reference.dora_linear_forward(ref_in["x"], f64(W), f64(b), ref_in["A"], ref_in["B"], ref_in["m"], 0.75,
+                                          mask, DROPOUT, ref_in["c"])
+    refs = dict(zip(("dx", "dA", "dB", "dm", "dc"), torch.autograd.grad(y_ref, list(ref_in.values()), f64(dy))))
+    errs = {"y": _rel(y, y_ref), **{k: _rel(grads[k], refs[k]) for k in refs}}
+    want = {"y": dtype, "dx": dtype, "dA": adtype, "dB": adtype, "dm": adtype, "dc": adtype}
+    return _finish(check, errs, {"y": y, **grads}, want)
+
+
+def _qlora_check(backend: str, device: torch.device, dtype, adtype) -> Check:
+    from lora_kernels import quant, reference
+    from lora_kernels.ops import qlora
+
+    M, K, N, r = QLORA_SHAPE
+    g = torch.Generator().manual_seed(13)
+    fmt = quant.QuantFormat("nf4", (N, K), torch.float32, nested=True)
+    nb = fmt.num_blocks
+    qw = quant.QuantWeight(fmt, torch.randint(0, 256, (-(-fmt.numel // 2),), generator=g, dtype=torch.uint8),
+                           torch.randint(0, 256, (nb,), generator=g, dtype=torch.uint8),
+                           torch.rand(-(-nb // fmt.nested_blocksize), generator=g) * 0.05 + 0.02,
+                           torch.randn(256, generator=g).sort().values, torch.tensor([0.01]))
+    qw = quant.QuantWeight(fmt, *(None if t is None else t.to(device) for t in qw.tensors()))
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = rnd(M, K).to(device, dtype).requires_grad_()
+    A = (rnd(r, K) / math.sqrt(K)).to(device, adtype).requires_grad_()
+    B = rnd(N, r).to(device, adtype).requires_grad_()
+    b, dy = rnd(N).to(device, dtype), rnd(M, N).to(device, dtype)
+    check = Check("qlora_linear fwd+bwd", backend, f"M={M} {K}->{N} r={r} p={DROPOUT:g} nf4-nested",
+                  f"x {_dname(dtype)}, A/B {_dname(adtype)}", tol=TOL[dtype])
+    state = torch.random.get_rng_state()
+    y = qlora.qlora_linear(x, qw, b, A, B, 0.75, DROPOUT, training=True, backend=backend)
+    mask = _same_seed_mask(state, (M, K), DROPOUT)
+    dx, dA, dB = torch.autograd.grad(y, [x, A, B], dy)
+    f64 = lambda t: t.detach().to(torch.float64).cpu()  # noqa: E731
+    W = qw.dequantize(dtype)  # W0 as the op sees it: rounded to x's dtype, as dequantize-then-matmul does
+    y_ref, _ = reference.lora_linear_forward(f64(x), f64(W), f64(b), f64(A), f64(B), 0.75, mask, DROPOUT)
+    refs = reference.lora_linear_backward(f64(dy), f64(x), f64(W), f64(A), f64(B), 0.75, mask, DROPOUT)
+    errs = {"y": _rel(y, y_ref), "dx": _rel(dx, refs[0]), "dA": _rel(dA, refs[1]), "dB": _rel(dB, refs[2])}
+    return _finish(check, errs, {"y": y, "dx": dx, "dA": dA, "dB": dB},
+                   {"y": dtype, "dx": dtype, "dA": adtype, "dB": adtype})
+
+
 def _guard(make: Callable[[], Check], op: str, backend: str, case: str, dtype: str) -> Check:
     """Run one check; an exception is a FAIL that names it."""
     try:
@@ -492,6 +589,13 @@ def selftest(device: Optional[torch.device] = None, backends: Optional[list[str]
             checks.append(c)
             if log:
                 log(format_check(c))
+        for op, make in (("dora_linear fwd+bwd", _dora_check), ("qlora_linear fwd+bwd", _qlora_check)):
+            for dtype, adtype in _selftest_dtypes(device):
+                c = _guard(lambda: make(backend, device, dtype, adtype), op, backend, "",
+                           f"x {_dname(dtype)}, A/B {_dname(adtype)}")
+                checks.append(c)
+                if log:
+                    log(format_check(c))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return checks

@@ -96,7 +96,8 @@ def test_selftest_passes_on_every_available_backend(small_selftest):
     checks = diagnostics.selftest("cpu")
     ran = {c.backend for c in checks}
     assert ran == set(backends.available_backends("cpu"))
-    assert {c.op for c in checks} == {"lora_linear fwd+bwd", "multi_lora_linear fwd+bwd"}
+    assert {c.op for c in checks} == {"lora_linear fwd+bwd", "multi_lora_linear fwd+bwd", "dora_linear fwd+bwd",
+                                      "qlora_linear fwd+bwd"}
     assert any("p=0.1" in c.case for c in checks)  # dropout is checked
     bad = [diagnostics.format_check(c) for c in checks if c.status != "PASS"]
     assert not bad, "\n".join(bad)
@@ -105,7 +106,8 @@ def test_selftest_passes_on_every_available_backend(small_selftest):
 
 def test_selftest_full_on_the_torch_backend():
     checks = diagnostics.selftest("cpu", backends=["torch"])
-    assert len(checks) == len(diagnostics.LORA_SHAPES) * 3 + 3 + 2  # shapes x dtypes, + dropout, + multi
+    # shapes x dtypes, + dropout, + multi, + DoRA and QLoRA per dtype pair
+    assert len(checks) == len(diagnostics.LORA_SHAPES) * 3 + 3 + 2 + 2 * 3
     assert {c.status for c in checks} == {"PASS"}, diagnostics.format_selftest(checks)
 
 
@@ -141,6 +143,25 @@ def test_selftest_fails_a_backend_that_raises_or_breaks_multi_lora(monkeypatch, 
     multi = [c for c in checks if c.op == "multi_lora_linear fwd+bwd"]
     assert multi and all(c.status == "FAIL" and "kernel exploded" in c.detail for c in multi)
     assert all(c.status == "PASS" for c in checks if c.op != "multi_lora_linear fwd+bwd")
+
+
+@pytest.mark.parametrize("family", ["dora", "qlora"])
+def test_selftest_fails_a_wrong_dora_or_qlora_backend(monkeypatch, small_selftest, family):
+    """A 1 % error in one backend's DoRA / QLoRA forward fails exactly that backend's row of that op."""
+    from lora_kernels.ops import dora, qlora
+    impls = (dora.IMPLS if family == "dora" else qlora.IMPLS)
+    fwd, bwd = impls["torch"]
+
+    def broken(*args, **kw):
+        y, saved = fwd(*args, **kw)
+        return y * 1.01, saved
+
+    monkeypatch.setitem(impls, "torch", (broken, bwd))
+    checks = diagnostics.selftest("cpu", backends=["torch", "native"] if "native" in
+                                  backends.available_backends("cpu") else ["torch"])
+    for c in checks:
+        assert (c.status == "FAIL") == (c.op == f"{family}_linear fwd+bwd" and c.backend == "torch"), \
+            diagnostics.format_check(c)
 
 
 def test_selftest_names_an_unavailable_backend():
