@@ -67,6 +67,10 @@ TORCH_LIBRARY(lora_kernels, m) {
         "Tensor S, Tensor scalings, Tensor token_adapter, Tensor sorted_token_ids, Tensor seg_starts, "
         "Tensor seg_lens, Tensor tile_slot, Tensor tile_start, Tensor tile_end, Tensor? ranks, Tensor? dropout, "
         "Tensor? seed, bool need_dx, bool need_dA, bool need_dB) -> (Tensor, Tensor[], Tensor[])");
+  // The [out, r] tail of DoRA's row norm (lora_kernels/ops/dora.py, dora_weight_norm) given V = W0 Aᵀ and A Aᵀ:
+  // n = √max(n2, 0), n2 = w2 + extra + rowsum(B ⊙ (2s V + s² B AAt)), and −1 where n2 < cancel · w2.
+  m.def("native_dora_norm(Tensor V, Tensor B, Tensor AAt, Tensor w2, Tensor? extra, float scaling, float cancel) "
+        "-> Tensor");
 }
 
 #define LK_REGISTER_OPS(dev)                                              \
@@ -77,7 +81,8 @@ TORCH_LIBRARY(lora_kernels, m) {
   m.impl("native_dropout_mask", &lora_kernels::dropout_mask_##dev);         \
   m.impl("native_lora_shrink", &lora_kernels::lora_shrink_##dev);           \
   m.impl("native_lora_expand", &lora_kernels::lora_expand_##dev);           \
-  m.impl("native_multi_lora_linear", &lora_kernels::multi_lora_linear_##dev);
+  m.impl("native_multi_lora_linear", &lora_kernels::multi_lora_linear_##dev);   \
+  m.impl("native_dora_norm", &lora_kernels::dora_norm_##dev);
 
 TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
   LK_REGISTER_OPS(cpu)
@@ -117,7 +122,7 @@ void built_without_cuda(const c10::OperatorHandle& op, torch::jit::Stack*) {
 TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
   for (const char* name : {"native_lora_linear_fwd", "native_lora_linear_bwd", "native_dropout", "native_dropout_add_",
                            "native_dropout_mask", "native_lora_shrink", "native_lora_expand",
-                           "native_multi_lora_linear"}) {
+                           "native_multi_lora_linear", "native_dora_norm"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&built_without_cuda>());
   }
 }

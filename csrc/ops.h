@@ -36,7 +36,9 @@ using at::TensorList;
                                  const Tensor& token_adapter, const Tensor& sorted_token_ids,                    \
                                  const Tensor& seg_starts, const Tensor& seg_lens, const Tensor& tile_slot,      \
                                  const Tensor& tile_start, const Tensor& tile_end, const OptTensor& ranks,        \
-                                 const OptTensor& col_scale);
+                                 const OptTensor& col_scale);                                                    \
+  Tensor dora_norm_##dev(const Tensor& V, const Tensor& B, const Tensor& AAt, const Tensor& w2,                 \
+                         const OptTensor& extra, double scaling, double cancel);
 
 LK_DECLARE_OPS(cpu)
 
@@ -56,6 +58,11 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> multi_lora_linear_b
 LK_DECLARE_OPS(cuda)
 #endif
 #undef LK_DECLARE_OPS
+
+// native_dora_norm: V [out, r], B [out, r], AAt [r, r], w2 [out], extra [out] | None, one float dtype (float32 or
+// float64) on one device; scaling finite, cancel finite and >= 0. Shared by both devices (csrc/dora_cpu.cpp).
+void check_dora_norm_args(const Tensor& V, const Tensor& B, const Tensor& AAt, const Tensor& w2,
+                          const OptTensor& extra, double scaling, double cancel);
 
 // ---- multi-adapter argument checks (shared by both devices) ----
 

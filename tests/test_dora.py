@@ -75,6 +75,108 @@ def test_near_cancellation_row_falls_back_to_the_direct_norm(monkeypatch):
     assert (bad[3].double() - want[3]).abs() / want[3] > 1e-3
 
 
+def _norm_tail_inputs(out, r, dtype, with_extra):
+    """V, B, AAt, w2, extra for native_dora_norm, and its float64 answer (n, −1 on flagged rows). Rows j % 7 == 3
+    cancel to 2% of w2 and rows j % 7 == 5 go negative (both flagged at cancel = 0.05); rows j % 7 == 6 cancel to
+    20% (kept); the rest are well conditioned. Row 4's V is NaN: NaN out, never flagged."""
+    g = torch.Generator().manual_seed(r * 1000 + out)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    s, cancel = 0.7, 0.05
+    B, A, V = rnd(out, r), rnd(r, 23) / 23 ** 0.5, rnd(out, r)
+    AAt = A @ A.T
+    j = torch.arange(out)
+    low = (j % 7 == 3) | (j % 7 == 5) | (j % 7 == 6)
+    # V_j = −c B_j: the cross term 2s B_j · V_j is negative and outweighs B_j AAt B_jᵀ ≥ 0 (AAt is PSD).
+    V[low] = -(1.0 + s * torch.linalg.matrix_norm(AAt, 2)) * B[low]
+    extra = rnd(out) if with_extra else torch.zeros(out, dtype=torch.float64)
+    extra[low] = -extra[low].abs()
+    q = ((2 * s * V + s * s * (B @ AAt)) * B).sum(1) + extra
+    w2 = 4 * q.abs() + 1
+    w2[j % 7 == 3] = -q[j % 7 == 3] * 1.02
+    w2[j % 7 == 5] = -q[j % 7 == 5] * 0.5
+    w2[j % 7 == 6] = -q[j % 7 == 6] * 1.25
+    assert (q[low] < 0).all()
+    V[4, 0] = float("nan")
+    n2 = w2 + ((2 * s * V + s * s * (B @ AAt)) * B).sum(1) + extra
+    want = torch.where(n2 < cancel * w2, -1.0, n2.clamp_min(0).sqrt())
+    args = [t.to(dtype) for t in (V, B, AAt, w2)] + [extra.to(dtype) if with_extra else None, s, cancel]
+    return args, want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("with_extra", [False, True], ids=["no_extra", "extra"])
+@pytest.mark.parametrize("out", [29, 1003])
+@pytest.mark.parametrize("r", RANKS + [8, 17], ids=lambda r: f"r{r}")
+def test_native_norm_op_against_float64_formula(r, out, with_extra, dtype):
+    """native_dora_norm (the tail of dora_weight_norm in one pass) against its formula in float64: the same flagged
+    rows (−1), the others to float32 / float64 rounding; out not a multiple of the 8-row blocks or the lanes."""
+    require_backend("native", "cpu")
+    args, want = _norm_tail_inputs(out, r, dtype, with_extra)
+    got = torch.ops.lora_kernels.native_dora_norm(*args)
+    assert got.dtype == dtype and got.shape == (out,)
+    assert torch.isnan(got[4]) and torch.isnan(want[4])
+    keep = ~torch.isnan(want)
+    assert torch.equal(got[keep] < 0, want[keep] < 0)
+    assert (want[3::7] == -1).all() and (want[5::7] == -1).all() and (want[6::7] > 0).all()
+    ok = keep & (want >= 0)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got[ok].double(), want[ok], rtol=rtol, atol=0)
+
+
+def test_native_norm_op_opcheck_and_bad_input():
+    require_backend("native", "cpu")
+    op = torch.ops.lora_kernels.native_dora_norm
+    args, _ = _norm_tail_inputs(29, 3, torch.float32, True)
+    args[0][4, 0] = 0.0  # opcheck compares outputs; no NaN
+    torch.library.opcheck(op.default, tuple(args))
+    V, B, AAt, w2, extra, s, c = args
+    for bad, msg in [((V, B, AAt[:2], w2, extra, s, c), r"AAt must have shape \[r=3, r=3\]"),
+                     ((V, B[:5], AAt, w2, extra, s, c), r"B must have shape \[out=29, r=3\]"),
+                     ((V, B, AAt, w2[:5], extra, s, c), r"w2 must have shape \[out=29\]"),
+                     ((V, B, AAt, w2, extra[:5], s, c), r"extra must be None or have shape \[out=29\]"),
+                     ((V, B.double(), AAt, w2, extra, s, c), "B must have V's dtype"),
+                     ((V.half(), B.half(), AAt.half(), w2.half(), None, s, c), "V must be float32 or float64"),
+                     ((V, B, AAt, w2, extra, float("nan"), c), "scaling must be finite"),
+                     ((V, B, AAt, w2, extra, s, -1.0), "cancel must be finite and >= 0")]:
+        with pytest.raises(RuntimeError, match=msg):
+            op(*bad)
+
+
+@pytest.mark.parametrize("lora_bias", [False, True], ids=["no_lora_bias", "lora_bias"])
+@pytest.mark.parametrize("r", [3, 16], ids=lambda r: f"r{r}")
+def test_norm_native_tail_matches_pytorch_tail(monkeypatch, r, lora_bias):
+    """dora_weight_norm on CPU runs the native tail (spied), with the PyTorch tail's result, cancelling row
+    included (recomputed directly after the op flags it)."""
+    require_backend("native", "cpu")
+    t = tensors(r, lora_bias=lora_bias)
+    s = 2.0
+    W, A, B = (t[k].double() for k in ("weight", "lora_A", "lora_B"))
+    c = t["lora_bias"].double() if lora_bias else 0.0
+    W[3] = -s * (B[3] @ A + (c[3] if lora_bias else 0.0)) + 1e-4 * torch.randn(
+        IN, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    W32 = W.float()
+    calls = []
+    real = torch.ops.lora_kernels.native_dora_norm
+    monkeypatch.setattr(dora, "_native_norm", lambda w: calls.append(1) or True)
+    monkeypatch.setattr(dora.torch.ops.lora_kernels, "native_dora_norm", lambda *a: calls.append(a) or real(*a),
+                        raising=False)
+    native = dora.dora_weight_norm(W32, t["lora_A"], t["lora_B"], s, t["lora_bias"])
+    assert len(calls) == 2 and (real(*calls[1])[3] == -1).item()  # the op ran and flagged row 3
+    monkeypatch.setattr(dora, "_native_norm", lambda w: False)
+    torch_tail = dora.dora_weight_norm(W32, t["lora_A"], t["lora_B"], s, t["lora_bias"])
+    torch.testing.assert_close(native, torch_tail, rtol=1e-5, atol=0)
+    want = reference.dora_weight_norm(W32.double(), A, B, s, t["lora_bias"].double() if lora_bias else None)
+    rel = (native.double() - want).abs() / want
+    assert rel[3] < 1e-3 and torch.cat([rel[:3], rel[4:]]).max() < 1e-5  # row 3: its float32 conditioning
+
+
+def test_norm_takes_the_native_tail_on_cpu():
+    """The existing norm tests above (CPU, float32 / float64) go through the native tail whenever it is built."""
+    require_backend("native", "cpu")
+    assert dora.HAS_NATIVE_NORM and dora._native_norm(torch.empty(2, 2))
+    assert not dora._native_norm(torch.empty(2, 2, device="meta"))
+
+
 def test_cancelling_rows_fixed_on_the_device_without_a_host_read(monkeypatch):
     """On CUDA `dora_weight_norm` leaves the cancelling rows to kernels/dora.py's fix-up kernel (no `nonzero`, no
     sync); run here under the interpreter: the same rows, the same result as the host gather."""

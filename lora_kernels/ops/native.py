@@ -46,6 +46,11 @@ arguments minus `backend`:
                          nested_offset float32 [1], nested_blocksize) -> absmax float32 [nb]: the nested
         absmax dequantized (bit-exact with lora_kernels.reference.dequantize_absmax)
         (quant4 ops: CPU only, the CUDA registrations raise; lora_kernels/ops/qlora.py runs them)
+    native_dora_norm(V [out, r], B [out, r], AAt [r, r], w2 [out], extra [out]?, scaling, cancel) -> n [out]:
+        the tail of DoRA's row norm (lora_kernels/ops/dora.py, dora_weight_norm) given V = W0 Aᵀ and AAt = A Aᵀ,
+        n2 = w2 + extra + rowsum(B ⊙ (2s V + s² B AAt)), n = √max(n2, 0), and −1 where n2 < cancel · w2 (the
+        caller recomputes those rows directly); one dtype, float32 or float64. The CPU kernel is one pass over
+        the rows; the CUDA one is ATen ops (dora_weight_norm does not call it on CUDA)
 
 The CPU dropout ops generate the mask 8 Philox counters at a time with AVX2 when the CPU has it, chosen at run
 time (`lora_kernels._C.CPU_DROPOUT_ISA` says "avx2" or "scalar"; LORA_KERNELS_CPU_ISA=scalar forces the portable
@@ -63,7 +68,8 @@ from lora_kernels.backends import NATIVE
 NATIVE_OPS = ("native_lora_linear_fwd", "native_lora_linear_bwd", "native_dropout", "native_dropout_add_",
               "native_dropout_mask", "native_lora_shrink", "native_lora_expand", "native_multi_lora_linear",
               "native_multi_lora_linear_fwd", "native_multi_lora_linear_bwd", "native_quant4_dequantize",
-              "native_quant4_linear", "native_quant4_linear_dx", "native_quant4_absmax")
+              "native_quant4_linear", "native_quant4_linear_dx", "native_quant4_absmax",
+              "native_dora_norm")
 
 
 def _lora_dtype(x: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype:
@@ -145,6 +151,13 @@ def _register() -> None:
     @torch.library.register_fake(lib + "native_quant4_absmax")
     def _(q_absmax, nested_absmax, nested_code, nested_offset, nested_blocksize):
         return nested_absmax.new_empty(q_absmax.numel(), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "native_dora_norm")
+    def _(V, B, AAt, w2, extra, scaling, cancel):
+        torch._check(V.dim() == 2 and B.shape == V.shape and w2.shape == V.shape[:1],
+                     lambda: f"native_dora_norm: V, B [out, r] and w2 [out] expected, got {tuple(V.shape)}, "
+                             f"{tuple(B.shape)}, {tuple(w2.shape)}")
+        return V.new_empty(V.shape[0])
 
     # Autograd: the native forward is usable on its own (the Python op lora_linear_fwd has its own formula).
     def fwd_setup_context(ctx, inputs, output):
