@@ -44,6 +44,49 @@ def cuda_param(value="cuda"):
         not torch.cuda.is_available(), reason="needs a CUDA GPU (run scripts/gpu_check.sh on a GPU machine)")])
 
 
+# Every linear projection of a Llama block: the target_modules of the serving tests' adapters.
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The serving tests' three PEFT adapters: different ranks and targets, rsLoRA, rank / alpha patterns.
+LLAMA_ADAPTERS = {
+    "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "b": dict(r=8, lora_alpha=16, target_modules=LLAMA_LINEAR, use_rslora=True),
+    "c": dict(r=2, lora_alpha=4, target_modules=["o_proj", "down_proj", "gate_proj"], rank_pattern={"down_proj": 6},
+              alpha_pattern={"gate_proj": 10}),
+}
+
+
+def tiny_llama(hidden: int = 64, seed: int = 0, vocab: int = 128):
+    """A random-init 2-layer Llama (eval mode) for the serving / adapter tests: hidden -> 2 * hidden MLP, 4 heads,
+    2 KV heads (needs transformers)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64, pad_token_id=0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def save_peft_adapter(base, path, seed: int, safe: bool = True, **cfg):
+    """A PEFT LoRA adapter of `cfg` over a copy of `base`, with random lora_B (PEFT starts B at 0, which would
+    leave the output unchanged) and DoRA magnitudes moved off their initial norm (so g ≠ 1), saved to `path`
+    (safetensors, or .bin with safe=False); returns path."""
+    import copy
+
+    import peft
+
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **cfg))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g))
+    model.save_pretrained(str(path), safe_serialization=safe)
+    return path
+
+
 def require_backend(backend: str, device: str) -> None:
     if backend not in lora_kernels.available_backends(device):
         why = {"triton": "Triton on CPU tensors needs TRITON_INTERPRET=1 (make test sets it)",

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import require_backend
+from conftest import require_backend, save_peft_adapter
 
 transformers = pytest.importorskip("transformers", reason="MultiLoRAModel tests need `transformers`")
 peft = pytest.importorskip("peft", reason="the PEFT comparisons need `peft`")
@@ -33,18 +33,7 @@ def base():
     return _tiny_llama()
 
 
-def _save_peft(base, path, seed, **cfg):
-    """A PEFT adapter directory with random B and (DoRA) magnitudes moved off their initial norm, so g ≠ 1."""
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **cfg))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            elif MAG in name:
-                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g))
-    pm.save_pretrained(str(path))
-    return path
+_save_peft = save_peft_adapter  # random B, magnitudes moved off their initial norm (g ≠ 1)
 
 
 ADAPTERS = {  # two DoRA adapters (one with rsLoRA and a rank pattern), a plain one

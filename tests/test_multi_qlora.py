@@ -253,24 +253,17 @@ def test_step_without_adapters_in_this_layer_is_the_base():
 
 transformers = pytest.importorskip("transformers", reason="MultiLoRAModel tests need `transformers`")
 peft = pytest.importorskip("peft", reason="the PEFT comparisons need `peft`")
+from conftest import LLAMA_ADAPTERS, LLAMA_LINEAR, save_peft_adapter, tiny_llama  # noqa: E402
 from lora_kernels.serving import MultiLoRAModel  # noqa: E402
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ADAPTERS = {
-    "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    "b": dict(r=8, lora_alpha=16, target_modules=ALL_LINEAR, use_rslora=True),
-    "c": dict(r=2, lora_alpha=4, target_modules=["o_proj", "down_proj", "gate_proj"], rank_pattern={"down_proj": 6}),
-}
+ALL_LINEAR = LLAMA_LINEAR
+ADAPTERS = LLAMA_ADAPTERS
 
 
 def _tiny_llama(seed=0):
-    torch.manual_seed(seed)
     # in % 64 == 0 for every projection: bitsandbytes 0.50's CPU 4-bit kernels (what PEFT runs) misplace the scales
     # of blocks that cross rows (rel. RMS error 0.36 in these logits at hidden 96); odd shapes are tested above.
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   pad_token_id=0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(64, seed)
 
 
 def quantize_nf4(model: nn.Module) -> nn.Module:
@@ -306,16 +299,7 @@ def qsetup(tmp_path_factory):
         pytest.skip("quantized bases need bitsandbytes: pip install 'lora_kernels[qlora]'")
     base = _tiny_llama()
     root = tmp_path_factory.mktemp("qadapters")
-    paths = {}
-    for i, (name, cfg) in enumerate(ADAPTERS.items()):
-        model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **cfg))
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:  # PEFT would start B at 0: random B makes the adapter change the output
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        model.save_pretrained(str(root / name))
-        paths[name] = root / name
+    paths = {name: save_peft_adapter(base, root / name, seed=i, **cfg) for i, (name, cfg) in enumerate(ADAPTERS.items())}
     qbase = quantize_nf4(copy.deepcopy(base))
     # PEFT's own model per adapter over (a copy of) the same 4-bit model: lora.Linear4bit over bitsandbytes' matmul.
     peft_models = {n: peft.PeftModel.from_pretrained(copy.deepcopy(qbase), str(p)).eval() for n, p in paths.items()}

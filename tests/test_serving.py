@@ -12,36 +12,19 @@ import torch
 transformers = pytest.importorskip("transformers", reason="MultiLoRAModel tests need `transformers`")
 peft = pytest.importorskip("peft", reason="MultiLoRAModel tests need `peft`")
 
+from conftest import LLAMA_ADAPTERS, LLAMA_LINEAR, save_peft_adapter, tiny_llama  # noqa: E402
 from lora_kernels.backends import available_backends  # noqa: E402
 from lora_kernels.serving import AdapterError, MultiLoRAModel  # noqa: E402
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Three adapters: different ranks and targets, rsLoRA, rank/alpha patterns, safetensors and .bin files.
-ADAPTERS = {
-    "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    "b": dict(r=8, lora_alpha=16, target_modules=ALL_LINEAR, use_rslora=True),
-    "c": dict(r=2, lora_alpha=4, target_modules=["o_proj", "down_proj", "gate_proj"], rank_pattern={"down_proj": 6},
-              alpha_pattern={"gate_proj": 10}),
-}
+ALL_LINEAR = LLAMA_LINEAR
+ADAPTERS = LLAMA_ADAPTERS  # saved as safetensors and .bin files
 
 
 def _tiny_llama(hidden=64, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=64, pad_token_id=0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(hidden, seed)
 
 
-def _save_adapter(base, path, seed, safe=True, **cfg):
-    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **cfg))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:  # PEFT would start B at 0: random B makes the adapter change the output
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    model.save_pretrained(str(path), safe_serialization=safe)
-    return path
+_save_adapter = save_peft_adapter
 
 
 @pytest.fixture(scope="module")
