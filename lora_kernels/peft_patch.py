@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from lora_kernels.backends import resolve_backend
+from lora_kernels.derived_cache import cache_get, cache_put, contents_key
 from lora_kernels.ops.dora import cached_norm_args, cached_weight_norm, dora_linear
 from lora_kernels.ops.lora_linear import lora_linear
 from lora_kernels import quant
@@ -418,7 +419,7 @@ def _multi_lora_ops():
     return multi_lora if ok else None
 
 
-_STACK_CACHE_ATTR = "_lora_kernels_stacks"  # (key, A_stack, B_stack, scalings, ranks) of the last mixed batch
+_STACK_CACHE_ATTR = "_lora_kernels_stacks"  # {None: (A_stack, B_stack, scalings, ranks)} of the last mixed batch
 
 
 def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
@@ -498,11 +499,10 @@ def _slot_ids(seq_slots: tuple, device: torch.device) -> torch.Tensor:
 def _stacks(self, slots, A_params, B_params, dtype):
     """Zero-padded [L, R, in] / [L, out, R] stacks of the slot adapters, cached until a weight changes."""
     scal = tuple(float(self.scaling[a]) for a in slots)
-    key = (tuple(slots), dtype, scal,
-           tuple((p.data_ptr(), p._version) for p in A_params + B_params))
-    cached = self.__dict__.get(_STACK_CACHE_ATTR)
-    if cached is not None and cached[0] == key:
-        return cached[1:]
+    key = (tuple(slots), dtype, scal, contents_key(*A_params, *B_params))
+    cached = cache_get(self.__dict__.setdefault(_STACK_CACHE_ATTR, {}), None, key)
+    if cached is not None:
+        return cached
     L, R = len(slots), max(p.shape[0] for p in A_params)
     A0 = A_params[0]
     A_stack = A0.new_zeros(L, R, self.in_features, dtype=dtype)
@@ -512,8 +512,8 @@ def _stacks(self, slots, A_params, B_params, dtype):
         B_stack[l, :, :A.shape[0]] = B
     scalings = torch.tensor(scal, dtype=torch.float32, device=A0.device)
     ranks = torch.tensor([p.shape[0] for p in A_params], dtype=torch.int32, device=A0.device)
-    self.__dict__[_STACK_CACHE_ATTR] = (key, A_stack, B_stack, scalings, ranks)
-    return A_stack, B_stack, scalings, ranks
+    return cache_put(self.__dict__[_STACK_CACHE_ATTR], None, key, (A_stack, B_stack, scalings, ranks), *A_params,
+                     *B_params)
 
 
 def _fused_class():

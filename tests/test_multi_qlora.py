@@ -324,7 +324,7 @@ def _bnb_cpu_bf16() -> bool:
         return True
 
 
-PEFT_BOUND = 6e-3 if bnb is not None and _bnb_cpu_bf16() else 1e-5  # see the comment at its use
+PEFT_BOUND = 5e-2 if bnb is not None and _bnb_cpu_bf16() else 1e-5  # see the comment at its use
 
 
 def rel_rms(got, want) -> float:
@@ -356,11 +356,12 @@ def test_multi_lora_model_over_nf4_matches_peft_per_sequence(qsetup):
     for b, name in enumerate(names):
         model = bnb_base if name is None else peft_models[name]
         want = model(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1]).logits[0]
-        # PEFT's base is bitsandbytes' CPU matmul_4bit, not x deq(W0)ᵀ in float32. On this CPU (no AVX512-BF16)
+        # PEFT's base is bitsandbytes' CPU matmul_4bit, not x deq(W0)ᵀ in float32. On CPUs without AVX512-BF16
         # it dequantizes and runs a float32 GEMM: measured rel. RMS error of PEFT's logits against ours
-        # 2e-7 .. 1.2e-6 per sequence. On CPUs with AVX512-BF16 it repacks the weight and computes in bfloat16
-        # (rel. error ~3e-3 at 16+ rows, tests/test_qlora.py): 2x that there. The adapters move the logits by
-        # a rel. RMS of 1.1 .. 1.5 (asserted > 5e-2 below), so a wrong or missing adapter cannot pass.
+        # 2e-7 .. 1.2e-6 per sequence (Intel Xeon). With AVX512-BF16 it repacks the weight and computes in
+        # bfloat16 through both layers: measured 1e-3 .. 2.04e-2 per sequence (AMD EPYC), bound 2.5x that. The
+        # adapters move the logits by a rel. RMS of 1.1 .. 1.5 (asserted > 5e-2 below), so a wrong or missing
+        # adapter cannot pass either bound.
         err = rel_rms(out[b][valid[b]], want[valid[b]])
         assert err < PEFT_BOUND, (name, err)
         if name is not None:

@@ -235,6 +235,10 @@ def test_bad_inputs_raise_naming_the_argument(bad, match, monkeypatch):
         qlora_linear(torch.randn(2, 71), qw, None, torch.randn(2, 70), torch.randn(24, 2), 1.0)
     with pytest.raises(TypeError, match="qweight must be"):
         qlora_linear(torch.randn(2, 70), qw.dequantize(), None, torch.randn(2, 70), torch.randn(24, 2), 1.0)
+    for bias, match in ((torch.zeros(24, dtype=torch.float16), "bias dtype torch.float16 must equal x dtype"),
+                        (torch.zeros(23), r"bias must be None or have shape \[out=24\]")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            qlora_linear(torch.randn(2, 70), qw, bias, torch.randn(2, 70), torch.randn(24, 2), 1.0)
     assert not called
 
 
@@ -429,8 +433,9 @@ def quantize_model(model: nn.Module, kind: str, nested=True) -> nn.Module:
     return model
 
 
-def dense_twin(model: nn.Module, cfg) -> nn.Module:
-    """The same PEFT model over plain nn.Linear bases holding the dequantized weights (patched: the fused op)."""
+def dense_twin(model: nn.Module, cfg, patch: bool = True) -> nn.Module:
+    """The same PEFT model over plain nn.Linear bases holding the dequantized weights (patched: the fused op;
+    patch=False: PEFT's own layers)."""
     from peft import get_peft_model
     dense = Quantizable()
     for name, lin in dense.named_children():
@@ -441,7 +446,8 @@ def dense_twin(model: nn.Module, cfg) -> nn.Module:
     twin = get_peft_model(dense, copy.deepcopy(cfg))
     lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     assert not twin.load_state_dict(lora, strict=False).unexpected_keys
-    lora_kernels.patch_peft(twin)
+    if patch:
+        lora_kernels.patch_peft(twin)
     return twin
 
 

@@ -103,7 +103,7 @@ def _dora_gemm_kernel(
         n2 = w2 + 2.0 * scaling * (tl.sum(bt * v, axis=1) + c * wsum) \
             + tl.load(q_ptr + offs_n, mask=mask_n, other=0.0)
         cancels = n2 < cancel * w2
-        nrm = tl.sqrt(tl.maximum(n2, 0.0))
+        nrm = tl.sqrt(tl.where(n2 < 0.0, 0.0, n2))  # not tl.maximum: it would turn a NaN n² (an inf in W0) into 0
         g = tl.where(cancels, 0.0, mag / tl.where(mask_n, nrm, 1.0))  # a zero row's m / 0 stays inf, as PEFT's
         if pid_m == 0:
             tl.store(n_ptr + offs_n, tl.where(cancels, -1.0, nrm), mask=mask_n)
@@ -252,6 +252,9 @@ def plan_fwd(x, weight, bias, A, B, magnitude, lora_bias, weight_norm, scaling, 
     weight_norm (float32). `config`: one of gemm_configs()."""
     M, K = x.shape
     N, R = weight.shape[0], A.shape[0]
+    # The kernels read the [out] vectors with unit stride (a no-op for the layers' parameters; a strided or
+    # expanded magnitude from a direct caller is copied).
+    bias, magnitude, lora_bias, weight_norm = (_vec(t) for t in (bias, magnitude, lora_bias, weight_norm))
     launches, S = kl._shrink_plan(x, A, 1.0, dropout_p, seed, deterministic)
     seed_, thr, keep_scale = kl._dropout_args(dropout_p, seed)
     ct, lct, precision = kl._compute_types(x.dtype, A.dtype)
@@ -326,6 +329,10 @@ def plan_bwd(G, Gg, x, weight, A, B, S, scaling, dropout_p, seed, need_dx: bool,
     return launches, dx, dA, dB
 
 
+def _vec(t):
+    return None if t is None else t.contiguous()
+
+
 def _run(launches) -> None:
     for launch in launches:
         launch.run()
@@ -336,6 +343,9 @@ def fix_cancelled_norms(weight, A, B, lora_bias, n, scaling) -> None:
     no output rows, for a norm computed apart from the GEMM (no host read of which rows cancel)."""
     fm, fn, fk, fw = _FIXUP_BLOCKS
     N, K = weight.shape
+    lora_bias = _vec(lora_bias)
+    if not n.is_contiguous():
+        raise ValueError(f"fix_cancelled_norms writes n in place with unit stride, got stride {n.stride()}")
     Launch(_dora_norm_fixup_kernel, (triton.cdiv(N, fn),),
            dict(w_ptr=weight, a_ptr=A, b_ptr=B, c_ptr=lora_bias if lora_bias is not None else n, m_ptr=n, n_ptr=n,
                 y_ptr=n, p_ptr=n, M=0, N=N, K=K, R=A.shape[0], stride_wn=weight.stride(0), stride_wk=weight.stride(1),

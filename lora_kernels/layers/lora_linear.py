@@ -228,6 +228,8 @@ class LoRALinear(nn.Module):
             if self.quant_kind:
                 weight = quant.cached_from_bnb(self.__dict__, _QWEIGHT_ATTR, base)
             A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if self.quant_kind and bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)  # as bitsandbytes' own forward casts it
         drop = mods["lora_dropout"]._modules[name]
         p = drop.p if isinstance(drop, nn.Dropout) else 0.0
         if self.use_dora.get(name):

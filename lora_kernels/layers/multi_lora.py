@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora_kernels import quant
+from lora_kernels.derived_cache import cache_get, cache_put, contents_key
 from lora_kernels.ops import dora as _dora
 from lora_kernels.ops.batch import LoRABatch, StepDropout
 from lora_kernels.ops.multi_lora import (dropout_args, dropped_input, multi_lora_linear, quant_base_linear,
@@ -260,20 +261,16 @@ class MultiLoRALinear(nn.Module):
         return qlora.dequantize_base(qweight, self.dora_scale.dtype, backend)
 
     def _weight_sq(self) -> Tensor:
-        """‖W0_j‖² [out] in the compute dtype, cached (W0 is frozen; a new or changed W0 is recomputed). A
-        quantized W0 is keyed on its QuantWeight (`quant.cached_from_bnb`: a new one when the weight changes),
-        which the cache holds so that its id is not reused."""
-        if self.quant_kind:
-            qw = self._weight_bias(self.dora_scale)[0]
-            key = (id(qw), self.dora_scale.dtype, self.lora_A_0.dtype)
-        else:
-            w = self.base_layer.weight
-            key = (w.data_ptr(), w._version, w.dtype, w.device, self.lora_A_0.dtype)
-        hit = self.__dict__.get("_w2")
-        if hit is None or hit[0] != key:
-            hit = self.__dict__["_w2"] = (key, _dora.weight_sq(self._dense_weight(), self.lora_A_0),
-                                          qw if self.quant_kind else None)
-        return hit[1]
+        """‖W0_j‖² [out] in the compute dtype, cached while W0 (its codes and absmax when quantized) is unchanged
+        (`derived_cache`: W0 is frozen, a new or changed W0 is recomputed)."""
+        w = self._weight_bias(self.dora_scale)[0] if self.quant_kind else self.base_layer.weight
+        sources = (w.codes, w.absmax) if self.quant_kind else (w,)
+        key = (contents_key(*sources), getattr(w, "fmt", None), self.dora_scale.dtype, self.lora_A_0.dtype)
+        cache = self.__dict__.setdefault("_w2", {})
+        w2 = cache_get(cache, None, key)
+        if w2 is None:
+            w2 = cache_put(cache, None, key, _dora.weight_sq(self._dense_weight(), self.lora_A_0), *sources)
+        return w2
 
     def _weight_norm(self, As: Sequence[Optional[Tensor]], Bs: Sequence[Optional[Tensor]], scaling: float,
                      weight: Optional[Tensor] = None) -> Tensor:

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from lora_kernels import dispatch, quant
 from lora_kernels.backends import NATIVE
+from lora_kernels.derived_cache import cache_get, cache_put, contents_key
 from lora_kernels.dropout import new_seed
 from lora_kernels.ops import lora_linear as _lora
 from lora_kernels.ops import plumbing
@@ -95,7 +96,7 @@ def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: fl
             if flagged.any():
                 rows = flagged.nonzero().squeeze(1)
                 n2_rows = _direct_norm2(W, A, B, None if lora_bias is None else c, rows, scaling)
-                n[rows] = n2_rows.clamp_min_(0).sqrt_()
+                n[rows] = n2_rows.clamp_min_(0).sqrt_().to(n.dtype)
             return n
         U = torch.addmm(V, B, AAt, beta=2.0 * scaling, alpha=scaling * scaling)
         n2 = torch.linalg.vecdot(U, B).add_(w2)
@@ -108,16 +109,20 @@ def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: fl
             return n
         rows = cancels.nonzero().squeeze(1)
         if rows.numel():
-            n2[rows] = _direct_norm2(W, A, B, None if lora_bias is None else c, rows, scaling)
+            n2[rows] = _direct_norm2(W, A, B, None if lora_bias is None else c, rows, scaling).to(n2.dtype)
         return n2.clamp_min_(0).sqrt_()
 
 
 def _direct_norm2(W: Tensor, A: Tensor, B: Tensor, c: Optional[Tensor], rows: Tensor, scaling: float) -> Tensor:
-    """‖W0_j + s · (B_j A + c_j)‖² for the given rows, formed directly (the rows whose expansion cancels)."""
-    L = torch.mm(B[rows], A)
+    """‖W0_j + s · (B_j A + c_j)‖² for the given rows, formed directly (the rows whose expansion cancels), in
+    float64: these rows are a difference of O(‖W0_j‖) terms, so float32 rounding of the terms would leave n_j a
+    relative error of ~eps32 · ‖W0_j‖ / n_j (1e-5 .. 1e-3, depending on the GEMM's summation order); in float64
+    n_j is exact to the float32 inputs. A few rows: [rows, r] x [r, in] costs nothing beside W0 Aᵀ."""
+    d = torch.float64
+    L = torch.mm(B[rows].to(d), A.to(d))
     if c is not None:
-        L += c[rows, None]
-    direct = torch.add(W[rows], L, alpha=scaling)
+        L += c[rows, None].to(d)
+    direct = torch.add(W[rows].to(d), L, alpha=scaling)
     return torch.linalg.vecdot(direct, direct)
 
 
@@ -171,7 +176,11 @@ def check_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, 
     """`lora_linear`'s checks, plus magnitude / lora_bias / weight_norm / weight_sq: [out] floating tensors on x's
     device."""
     _lora.check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend)
-    out_f = weight.shape[0]
+    check_dora_vectors(x, weight.shape[0], magnitude, lora_bias, weight_norm, weight_sq)
+
+
+def check_dora_vectors(x, out_f: int, magnitude, lora_bias, weight_norm, weight_sq) -> None:
+    """DoRA's [out] arguments (dense and quantized bases): floating tensors of shape [out] on x's device."""
     for name, t in (("magnitude", magnitude), ("lora_bias", lora_bias), ("weight_norm", weight_norm),
                     ("weight_sq", weight_sq)):
         if t is None and name != "magnitude":
@@ -426,7 +435,7 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     """
     if isinstance(weight, QuantWeight):
         return _qdora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, backend,
-                             lora_bias, weight_norm)
+                             lora_bias, weight_norm, weight_sq)
     check_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, backend, lora_bias,
                            weight_norm, weight_sq)
     if torch.is_grad_enabled():
@@ -454,12 +463,6 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
 # The eval cache of the norm, shared by the layers (`LoRALinear(use_dora=True)`, the patched PEFT layers)
 # ----------------------------------------------------------------------------------------------------
 
-def _version_key(t: Optional[Tensor]):
-    """What identifies t's current contents: its storage, its version counter (bumped by every in-place write
-    through autograd-visible ops: an optimizer step, load_state_dict, mul_ under no_grad), dtype and shape."""
-    return None if t is None else (t.data_ptr(), t._version, t.dtype, t.shape)
-
-
 def cached_norm_args(cache: dict, name, weight, lora_A: Tensor, lora_B: Tensor, scaling: float,
                      lora_bias: Optional[Tensor] = None) -> dict:
     """`dora_linear`'s weight_norm / weight_sq keyword arguments from a layer's cache (see `cached_weight_norm`).
@@ -469,36 +472,42 @@ def cached_norm_args(cache: dict, name, weight, lora_A: Tensor, lora_B: Tensor, 
     training = torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad
                                             or (lora_bias is not None and lora_bias.requires_grad))
     if training and not isinstance(weight, QuantWeight):
-        wkey = (_version_key(weight), lora_A.dtype)
-        w2 = cache.get(None)
-        if w2 is None or w2[0] != wkey:
-            w2 = cache[None] = (wkey, weight_sq(weight, lora_A))
-        return {"weight_sq": w2[1]}
+        return {"weight_sq": _cached_weight_sq(cache, weight, lora_A)}
     return {"weight_norm": cached_weight_norm(cache, name, weight, lora_A, lora_B, scaling, lora_bias)}
+
+
+def _base_tensors(weight) -> tuple:
+    return (weight.codes, weight.absmax) if isinstance(weight, QuantWeight) else (weight,)
+
+
+def _cached_weight_sq(cache: dict, weight, lora_A: Tensor) -> Tensor:
+    """‖W0_j‖² [out] (dequantized for a QuantWeight) in the compute dtype, kept in cache[None] while W0 is
+    unchanged (`derived_cache`)."""
+    base = _base_tensors(weight)
+    key = (contents_key(*base), getattr(weight, "fmt", None), lora_A.dtype)
+    w2 = cache_get(cache, None, key)
+    if w2 is None:
+        w2 = (qdora_weight_sq if isinstance(weight, QuantWeight) else weight_sq)(weight, lora_A)
+        cache_put(cache, None, key, w2, *base)
+    return w2
 
 
 def cached_weight_norm(cache: dict, name, weight, lora_A: Tensor, lora_B: Tensor, scaling: float,
                        lora_bias: Optional[Tensor] = None) -> Tensor:
     """The detached row norm n [out] of adapter `name` (`dora_weight_norm`, or `qdora_weight_norm` when `weight`
-    is a `QuantWeight`), kept in `cache` (a dict the layer owns: {name: (key, n), None: (key, ‖W0_j‖²)}) until
-    W0, A, B, lora_bias or the scaling change (data pointers + version counters: writes through ``.data``
-    bypass them, so a layer clears the cache on merge / unmerge). ‖W0_j‖² is cached apart: W0 is frozen, so a
-    training step only recomputes W0 Aᵀ and the r-sized terms."""
-    if isinstance(weight, QuantWeight):
-        wkey = (_version_key(weight.codes), _version_key(weight.absmax), weight.fmt, lora_A.dtype)
-    else:
-        wkey = (_version_key(weight), lora_A.dtype)
-    key = (wkey, _version_key(lora_A), _version_key(lora_B), _version_key(lora_bias), scaling)
-    hit = cache.get(name)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    quantized = isinstance(weight, QuantWeight)
-    w2 = cache.get(None)
-    if w2 is None or w2[0] != wkey:
-        w2 = cache[None] = (wkey, (qdora_weight_sq if quantized else weight_sq)(weight, lora_A))
-    n = (qdora_weight_norm if quantized else dora_weight_norm)(weight, lora_A, lora_B, scaling, lora_bias, w2[1])
-    cache[name] = (key, n)
-    return n
+    is a `QuantWeight`), kept in `cache` (a dict the layer owns: {name: n, None: ‖W0_j‖²}, entries of
+    `derived_cache`) until W0, A, B, lora_bias or the scaling change (version counters and the tensors' identity:
+    writes through ``.data`` bypass them, so a layer clears the cache on merge / unmerge). ‖W0_j‖² is cached
+    apart: W0 is frozen, so a training step only recomputes W0 Aᵀ and the r-sized terms."""
+    sources = (*_base_tensors(weight), lora_A, lora_B, lora_bias)
+    key = (contents_key(*sources), getattr(weight, "fmt", None), scaling)
+    n = cache_get(cache, name, key)
+    if n is not None:
+        return n
+    w2 = _cached_weight_sq(cache, weight, lora_A)
+    n = (qdora_weight_norm if isinstance(weight, QuantWeight) else dora_weight_norm)(
+        weight, lora_A, lora_B, scaling, lora_bias, w2)
+    return cache_put(cache, name, key, n, *sources)
 
 
 @torch.no_grad()
@@ -681,16 +690,10 @@ plumbing.register_lora_autograd(qdora_linear_fwd, qdora_linear_bwd, extra=(9, 10
 
 
 def _qdora_linear(x, qweight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, backend, lora_bias,
-                  weight_norm):
+                  weight_norm, weight_sq):
     _q.check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p, backend)
     out_f = qweight.fmt.shape[0]
-    for name, t in (("magnitude", magnitude), ("lora_bias", lora_bias), ("weight_norm", weight_norm)):
-        if t is None and name != "magnitude":
-            continue
-        if not isinstance(t, Tensor) or not t.is_floating_point() or t.dim() != 1 or t.shape[0] != out_f:
-            raise ValueError(f"{name} must be a floating-point tensor of shape [out={out_f}], got {_shape(t)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    check_dora_vectors(x, out_f, magnitude, lora_bias, weight_norm, weight_sq)
     if torch.is_grad_enabled() and bias is not None and bias.requires_grad:
         raise ValueError("bias requires grad, but dora_linear keeps the quantized base frozen: call "
                          "bias.requires_grad_(False) (as PEFT does), or run under torch.no_grad()")
@@ -700,10 +703,10 @@ def _qdora_linear(x, qweight, bias, lora_A, lora_B, magnitude, scaling, dropout_
     fmt = qweight.fmt
     c = None if lora_bias is None else lora_bias.detach()
     if weight_norm is None and traced:  # detached: no gradient through n
-        weight_norm = qdora_weight_norm_op(lora_A.detach(), lora_B.detach(), scaling, c, None, codes, absmax,
+        weight_norm = qdora_weight_norm_op(lora_A.detach(), lora_B.detach(), scaling, c, weight_sq, codes, absmax,
                                            n_absmax, n_code, n_offset, *fmt.op_args())
     elif weight_norm is None:
-        weight_norm = qdora_weight_norm(qweight, lora_A.detach(), lora_B.detach(), scaling, c)
+        weight_norm = qdora_weight_norm(qweight, lora_A.detach(), lora_B.detach(), scaling, c, weight_sq)
     seed = new_seed() if (training and dropout_p > 0.0) else None
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if traced:

@@ -42,6 +42,18 @@ def check_adapter_shapes(lora_A: Tensor, lora_B: Tensor, in_f: int, out_f: int) 
         raise ValueError(f"lora_B must have shape [out={out_f}, r={r}], got {_shape(lora_B)}")
 
 
+def check_bias(bias, x: Tensor, out_f: int) -> None:
+    """The base layer's bias: [out] on x's device, in x's dtype (every base format; None is checked by the caller,
+    to keep the dense fast path one test shorter)."""
+    if not isinstance(bias, Tensor) or bias.dim() != 1 or bias.shape[0] != out_f:
+        raise ValueError(f"bias must be None or have shape [out={out_f}], got "
+                         f"{_shape(bias) if isinstance(bias, Tensor) else type(bias).__name__}")
+    if bias.device != x.device:
+        raise ValueError(f"bias must be on x's device {x.device}, got {bias.device}")
+    if bias.dtype != x.dtype:
+        raise TypeError(f"bias dtype {bias.dtype} must equal x dtype {x.dtype}")
+
+
 def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend) -> None:
     """Raise a clear error for inputs no backend can run, before any kernel launches.
 
@@ -62,13 +74,7 @@ def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, 
     check_adapter_shapes(lora_A, lora_B, in_f, out_f)
     dev = x.device
     if bias is not None:
-        if not isinstance(bias, Tensor) or bias.dim() != 1 or bias.shape[0] != out_f:
-            raise ValueError(f"bias must be None or have shape [out={out_f}], got "
-                             f"{_shape(bias) if isinstance(bias, Tensor) else type(bias).__name__}")
-        if bias.device != dev:
-            raise ValueError(f"bias must be on x's device {dev}, got {bias.device}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} must equal x dtype {x.dtype}")
+        check_bias(bias, x, out_f)
     if weight.device != dev or lora_A.device != dev or lora_B.device != dev:
         raise ValueError(f"x, weight, bias, lora_A and lora_B must be on one device, got x:{dev} "
                          f"weight:{weight.device} lora_A:{lora_A.device} lora_B:{lora_B.device}")

@@ -80,10 +80,7 @@ def check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p
         raise ValueError(f"x, qweight, lora_A and lora_B must be on one device, got x:{dev} "
                          f"qweight:{qweight.device} lora_A:{lora_A.device} lora_B:{lora_B.device}")
     if bias is not None:
-        if not isinstance(bias, Tensor) or bias.dim() != 1 or bias.shape[0] != out_f:
-            raise ValueError(f"bias must be None or have shape [out={out_f}], got {_shape(bias)}")
-        if bias.device != dev:
-            raise ValueError(f"bias must be on x's device {dev}, got {bias.device}")
+        _lora.check_bias(bias, x, out_f)
     if lora_A.dtype != lora_B.dtype:
         raise TypeError(f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must have one dtype")
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
