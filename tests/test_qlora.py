@@ -141,6 +141,26 @@ def test_native_fused_gemv_never_dequantizes(monkeypatch):
     assert y.shape == (qlora.GEMV_MAX_M, 608) and not calls
 
 
+def test_native_gemv_every_row_count_and_row_tail():
+    """The vectorised GEMV (in % 64 == 0, M <= GEMV_MAX_M): every row count 1..9 (one template per count of x
+    rows, and 9 = two passes) and out = 37 (W0 rows taken 4 at a time for M <= 2: a tail of 1), against the
+    dequantized float64 product; a NaN in one row of x stays in that row."""
+    if not qlora.HAS_NATIVE_QUANT:
+        pytest.skip("the C++ extension lora_kernels._C is not built (pip install --no-build-isolation -e .)")
+    qw, _, _ = quantized((37, 192), "nf4", nested=True)
+    fmt, (codes, absmax, n_absmax, n_code, n_offset) = qw.fmt, qw.tensors()
+    a = qlora._absmax_native(fmt, absmax, n_absmax, n_code, n_offset)
+    W = qw.dequantize().double()
+    torch.manual_seed(1)
+    for M in range(1, 10):
+        x = torch.randn(M, 192)
+        y = torch.ops.lora_kernels.native_quant4_linear(x, codes, a, quant.table("nf4", x.device), None, 37)
+        torch.testing.assert_close(y.double(), x.double() @ W.T, rtol=1e-5, atol=1e-5, msg=lambda m: f"M={M}: {m}")
+        x[M - 1, 100] = float("nan")
+        y = torch.ops.lora_kernels.native_quant4_linear(x, codes, a, quant.table("nf4", x.device), None, 37)
+        assert y[M - 1].isnan().all() and not y[:M - 1].isnan().any()
+
+
 @pytest.mark.parametrize("M", [0, 3, 40], ids=lambda m: f"M{m}")
 def test_native_blocked_ops_match_reference(M):
     """The C++ row-blocked paths (M > GEMV_MAX_M) over several 1 MB blocks of W0 whose starts fall inside a
