@@ -4,15 +4,16 @@
 //     W[n, k] = fp32(table[code(n·K + k)] · absmax[(n·K + k) / 64])          (bit-exact with bitsandbytes)
 //
 //   native_quant4_dequantize(codes, absmax, table, N, K) -> W [N, K] float32
-//   native_quant4_linear(x [M, K] float32, codes, absmax, table, bias [N]?, N) -> y = x Wᵀ + b [M, N] float32
+//   native_quant4_linear(x [M, K] float32, codes, absmax, table, bias [N]?, N, gemv_max_m = 8)
+//       -> y = x Wᵀ + b [M, N] float32 (the GEMV up to gemv_max_m rows of x, row blocks + GEMM above)
 //   native_quant4_linear_dx(dy [M, N] float32, codes, absmax, table, K) -> dx = dy W [M, K] float32
 //   native_quant4_absmax(q_absmax uint8 [nb], nested_absmax float32, nested_code float32 [256],
 //                        nested_offset float32 [1], nested_blocksize) -> absmax float32 [nb]
 //       absmax[i] = nested_code[q[i]] · nested_absmax[i / nested_blocksize] + offset (rounded after the product
 //       and after the sum, as the PyTorch reference: bit-exact).
 //
-// The linear ops never write a dense W: up to kGemvMaxM rows of x each row of W is decoded into registers and
-// dotted with every row of x; above, W is dequantized kBlockBytes at a time (whole rows) into a reused scratch
+// The linear ops never write a dense W: up to gemv_max_m rows of x each row of W is decoded into registers and
+// dotted with every row of x (8 rows of x at a time); above, W is dequantized kBlockBytes at a time (whole rows) into a reused scratch
 // block that stays in L2 and the machine's GEMM runs on that block (y[:, rows] = x W[rows]ᵀ, dx += dy[:, rows]
 // W[rows]). A fresh [N, K] buffer per call cost its page faults on top of the writes and reads through DRAM.
 //
@@ -271,12 +272,11 @@ Tensor quant4_dequantize_cpu(const Tensor& codes, const Tensor& absmax, const Te
   return out;
 }
 
-// Up to this many rows of x the forward decodes W on the fly (every decoded value used M times); above, the
-// blocked dequantize + GEMM (lora_kernels/ops/qlora.py's GEMV_MAX_M mirrors this value). Measured on the dev CPU
-// (AVX-512, 896 -> 4864, 1 thread, min ms, fused / blocked): M = 8 0.84 / 1.06-1.41, 12 1.31-1.65 / 1.25-1.71,
-// 16 2.70 / 1.93-2.03, 32 4.4 / 2.8-3.0 (the fused kernel takes 8 rows of x per pass over W). Tiling W's rows so
-// that x's 8 rows stay in L1 across passes brought the fused M = 16 to 2.17 ms: still behind, so not kept.
-constexpr int64_t kGemvMaxM = 8;
+// gemv_max_m: up to this many rows of x the forward decodes W on the fly (every decoded value used M times);
+// above, the blocked dequantize + GEMM. Which wins depends on the machine's BLAS, so the caller measures it once
+// per process (lora_kernels/ops/qlora.py, gemv_max_m()). Measured, 896 -> 4864, 1 thread, ms (GEMV / blocked):
+// Intel Xeon, the GEMV before NR rows at once: M = 8 0.84 / 1.06-1.41, 16 2.70 / 1.93-2.03, 32 4.4 / 2.8-3.0;
+// AMD EPYC (MKL's non-Intel code path): M = 8 0.52 / 1.28, 16 ~1.0 / 1.82, 64 ~4.1 / 5.74, 128 ~8.3 / 11.0.
 
 // The large-M paths run one parallel region over the row blocks: each thread dequantizes its blocks into its own
 // scratch and runs single-threaded GEMMs on them (BLAS does not thread inside the region), rather than a parallel
@@ -302,7 +302,7 @@ void blocked_linear(const Tensor& x, const uint8_t* c, const float* a, const flo
 }  // namespace
 
 Tensor quant4_linear_cpu(const Tensor& x, const Tensor& codes, const Tensor& absmax, const Tensor& table,
-                         const std::optional<Tensor>& bias, int64_t N) {
+                         const std::optional<Tensor>& bias, int64_t N, int64_t gemv_max_m) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
               "x must be a float32 CPU tensor [M, K], got ", x.sizes(), " ", x.scalar_type());
   const int64_t M = x.size(0), K = x.size(1);
@@ -316,7 +316,8 @@ Tensor quant4_linear_cpu(const Tensor& x, const Tensor& codes, const Tensor& abs
   const float* t = table.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 16384 / K);
-  if (M > kGemvMaxM) {
+  TORCH_CHECK(gemv_max_m >= 0, "gemv_max_m must be >= 0, got ", gemv_max_m);
+  if (M > gemv_max_m) {
     blocked_linear(xc, c, a, t, y, N, K);
   } else
 #ifdef LK_QUANT_X86
@@ -422,7 +423,8 @@ LK_NO_CONTRACT Tensor quant4_absmax_cpu(const Tensor& q, const Tensor& nested_ab
 
 TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
   m.def("native_quant4_dequantize(Tensor codes, Tensor absmax, Tensor table, int N, int K) -> Tensor");
-  m.def("native_quant4_linear(Tensor x, Tensor codes, Tensor absmax, Tensor table, Tensor? bias, int N) -> Tensor");
+  m.def("native_quant4_linear(Tensor x, Tensor codes, Tensor absmax, Tensor table, Tensor? bias, int N, "
+        "int gemv_max_m=8) -> Tensor");
   m.def("native_quant4_linear_dx(Tensor dy, Tensor codes, Tensor absmax, Tensor table, int K) -> Tensor");
   m.def("native_quant4_absmax(Tensor q_absmax, Tensor nested_absmax, Tensor nested_code, Tensor nested_offset, "
         "int nested_blocksize) -> Tensor");

@@ -258,6 +258,7 @@ _tables: dict[str, _Table] = {}
 _chosen: dict[tuple, str] = {}           # (device, key) -> candidate name, this process
 _warned: set[tuple] = set()
 _static: dict[str, bool] = {}   # device type -> neither tuning nor a cached entry can change the choice
+_fastest: dict[Any, Any] = {}   # fastest_once: key -> the option that won, this process
 
 
 def _table(device: torch.device) -> _Table:
@@ -276,6 +277,27 @@ def reset() -> None:
     _chosen.clear()
     _warned.clear()
     _static.clear()
+    _fastest.clear()
+
+
+def fastest_once(key, options: Mapping[Any, Callable[[], object]], rounds: int = 3):
+    """The name in `options` (name -> a call with no arguments) whose call is fastest here, timed once per
+    process under `key` (interleaved rounds after one warm-up call each, each option's best round) and then
+    remembered. For choices inside one implementation that give the same values either way and depend on the
+    machine rather than the shape (a hand-written GEMV against the BLAS GEMM), so they need neither the cache
+    file nor a verification; whatever depends on the shape or changes the values is a candidate of `select`."""
+    hit = _fastest.get(key)
+    if hit is None:
+        best = {name: math.inf for name in options}
+        for f in options.values():
+            f()
+        for _ in range(rounds):
+            for name, f in options.items():
+                t0 = time.perf_counter()
+                f()
+                best[name] = min(best[name], time.perf_counter() - t0)
+        hit = _fastest[key] = min(best, key=best.__getitem__)
+    return hit
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from torch import nn
 import lora_kernels as lk
 from lora_kernels import quant, reference
 from lora_kernels.backends import available_backends
+from lora_kernels.ops import qlora
 from lora_kernels.layers.multi_lora import StepBatch
 
 try:
@@ -116,7 +117,7 @@ def test_served_output_matches_reference_and_dense(kind, backend, lead):
         assert y.shape == (*shape, OUT) and y.dtype == torch.float32
         torch.testing.assert_close(y.double(), want, rtol=RTOL, atol=ATOL)
         dense = twin(x, batch)
-        if T > 8 or backend != "native":
+        if T > qlora.gemv_max_m() or backend != "native":
             # Dequantize-then-dense: the same dense GEMM on the bit-exact dequantized weight.
             assert torch.equal(y, dense)
         else:  # the native GEMV decodes W0 on the fly: same products, another summation order
@@ -345,10 +346,11 @@ def test_multi_lora_model_over_nf4_matches_peft_per_sequence(qsetup):
     names = ["a", None, "c", "b"]
     out = mm(ids, attention_mask=mask, adapter_names=names).logits
     valid = mask.bool()
-    # Ours against the same model over the dequantized weights (dequantize-then-dense): 28 tokens, the dense
-    # path, the same GEMMs on bit-exact weights.
+    # Ours against the same model over the dequantized weights (dequantize-then-dense): 28 tokens, bit-exact
+    # weights; the native GEMV where this machine measured it faster than the GEMM (qlora.gemv_max_m()), so
+    # float32 summation order apart (measured 1.5e-6 at most on logits of ~1).
     dense = twin(ids, attention_mask=mask, adapter_names=names).logits
-    torch.testing.assert_close(out[valid], dense[valid], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[valid], dense[valid], rtol=1e-5, atol=1e-5)
     plain = mm(ids, attention_mask=mask).logits  # no adapter: our base alone
     # bitsandbytes' own base for the rows without an adapter, on a copy: on CPUs with AVX512-BF16 an eval-mode
     # call repacks the weight in place (a layout MultiLoRALinear refuses), and qbase is shared by the tests.
@@ -366,8 +368,8 @@ def test_multi_lora_model_over_nf4_matches_peft_per_sequence(qsetup):
         assert err < PEFT_BOUND, (name, err)
         if name is not None:
             assert rel_rms(out[b][valid[b]], plain[b][valid[b]]) > 5e-2, name
-    # No adapter at all: the quantized base alone, again exactly the dense twin's.
-    torch.testing.assert_close(plain, twin(ids, attention_mask=mask).logits, rtol=1e-6, atol=1e-6)
+    # No adapter at all: the quantized base alone, again the dense twin's.
+    torch.testing.assert_close(plain, twin(ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()

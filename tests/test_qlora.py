@@ -152,13 +152,39 @@ def test_native_gemv_every_row_count_and_row_tail():
     a = qlora._absmax_native(fmt, absmax, n_absmax, n_code, n_offset)
     W = qw.dequantize().double()
     torch.manual_seed(1)
-    for M in range(1, 10):
+    table = quant.table("nf4", torch.device("cpu"))
+    for M, cap in [(m, 8) for m in range(1, 10)] + [(20, 20), (20, 19)]:  # 20 rows: GEMV (3 passes) or blocked
         x = torch.randn(M, 192)
-        y = torch.ops.lora_kernels.native_quant4_linear(x, codes, a, quant.table("nf4", x.device), None, 37)
+        y = torch.ops.lora_kernels.native_quant4_linear(x, codes, a, table, None, 37, cap)
         torch.testing.assert_close(y.double(), x.double() @ W.T, rtol=1e-5, atol=1e-5, msg=lambda m: f"M={M}: {m}")
         x[M - 1, 100] = float("nan")
-        y = torch.ops.lora_kernels.native_quant4_linear(x, codes, a, quant.table("nf4", x.device), None, 37)
+        y = torch.ops.lora_kernels.native_quant4_linear(x, codes, a, table, None, 37, cap)
         assert y[M - 1].isnan().all() and not y[:M - 1].isnan().any()
+    with pytest.raises(RuntimeError, match="gemv_max_m must be >= 0"):
+        torch.ops.lora_kernels.native_quant4_linear(x, codes, a, table, None, 37, -1)
+
+
+def test_gemv_cap_is_measured_once_or_taken_from_the_environment(monkeypatch):
+    """Above GEMV_MAX_M rows the native forward runs the GEMV or the blocked GEMM as measured on this machine
+    (both exact: the values agree to float32 rounding either way); LORA_KERNELS_QUANT4_GEMV_MAX_M overrides it."""
+    if not qlora.HAS_NATIVE_QUANT:
+        pytest.skip("the C++ extension lora_kernels._C is not built (pip install --no-build-isolation -e .)")
+    monkeypatch.delenv("LORA_KERNELS_QUANT4_GEMV_MAX_M", raising=False)
+    cap = qlora.gemv_max_m()
+    assert cap in (qlora.GEMV_MAX_M, *qlora.GEMV_CAP_STEPS) and qlora.gemv_max_m() == cap
+    qw, _, _ = quantized((40, 128), "nf4", nested=True)
+    x = torch.randn(30, 128)
+    want = x.double() @ qw.dequantize().double().T
+    seen = []
+    op = torch.ops.lora_kernels.native_quant4_linear.default
+    monkeypatch.setattr(torch.ops.lora_kernels.native_quant4_linear, "default",
+                        lambda *a: seen.append(a[-1]) or op(*a))
+    for env in ("8", "64"):
+        monkeypatch.setenv("LORA_KERNELS_QUANT4_GEMV_MAX_M", env)
+        with torch.no_grad():
+            y = qlora_linear(x, qw, None, torch.zeros(1, 128), torch.zeros(40, 1), 1.0, backend="native")
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    assert seen == [8, 64]
 
 
 @pytest.mark.parametrize("M", [0, 3, 40], ids=lambda m: f"M{m}")

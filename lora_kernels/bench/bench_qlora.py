@@ -115,9 +115,9 @@ def ours_path(x: torch.Tensor, grad: bool) -> str:
     from lora_kernels.ops import qlora
     name = backends.default_backend(x.device) if dispatch.is_static(x.device.type) else "measured"
     if name == "native" and qlora.HAS_NATIVE_QUANT and x.dtype == torch.float32:
-        if x.shape[0] <= qlora.GEMV_MAX_M and not grad:
-            return "native: fused dequant-GEMV (no dense W0)"
-        return "native: row-blocked dequantize + BLAS GEMM (no dense W0)"
+        gemv = "native: fused dequant-GEMV (no dense W0)"
+        fwd = gemv if x.shape[0] <= qlora.gemv_max_m() else "native: row-blocked dequantize + BLAS GEMM (no dense W0)"
+        return fwd if not grad else f"{fwd}; dx: row-blocked dequantize + BLAS GEMM"
     if name == "native":
         return "native: dequantize + BLAS GEMM"
     return f"{name}: dequantize + GEMM"

@@ -603,7 +603,7 @@ def run_quant_linear(x2: Tensor, qweight: QuantWeight, bias, A_stacks: list, B_s
 
     The base product is ops/qlora.py's for the qlora backend of the same name (backend None: the device's
     default one, "native" on CPU with the extension): without autograd or dropout and where that backend
-    decodes W0 on the fly (`qlora.fused_base_linear`: "native", float32: the fused GEMV up to qlora.GEMV_MAX_M
+    decodes W0 on the fly (`qlora.fused_base_linear`: "native", float32: the fused GEMV up to qlora.gemv_max_m()
     rows, W0 dequantized a block of rows at a time above), y is that product plus the grouped shrink / expand
     added in place; otherwise W0 is dequantized (`qlora.dequantize_base`, bit-exact) and the dense
     multi_lora_linear runs on it -- exactly dequantize-then-dense. With autograd the dense copy is not kept for

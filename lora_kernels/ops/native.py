@@ -37,9 +37,9 @@ arguments minus `backend`:
     native_quant4_dequantize(codes, absmax [n_blocks] float32, table [16] float32, N, K) -> W0 [N, K] float32:
         a 4-bit (NF4 / FP4) weight packed two codes a byte over the flattened [N, K] weight, 64-element blocks
         (they cross rows when K % 64 != 0); absmax already un-nested (lora_kernels/quant.py)
-    native_quant4_linear(x [M, K] float32, codes, absmax, table, bias [N]?, N) -> x deq(W0)ᵀ + b [M, N] float32:
-        dequantized on the fly for small M, a row block of W0 at a time into a reused L2-sized scratch and
-        the GEMM on that block above (the dense weight is never written)
+    native_quant4_linear(x [M, K] float32, codes, absmax, table, bias [N]?, N, gemv_max_m=8) -> x deq(W0)ᵀ + b
+        [M, N] float32: dequantized on the fly up to gemv_max_m rows, a row block of W0 at a time into a reused
+        L2-sized scratch and the GEMM on that block above (the dense weight is never written)
     native_quant4_linear_dx(dy [M, N] float32, codes, absmax, table, K) -> dy deq(W0) [M, K] float32: the
         same row blocks, dx accumulated block by block
     native_quant4_absmax(q_absmax uint8 [nb], nested_absmax float32, nested_code float32 [256],
@@ -141,7 +141,7 @@ def _register() -> None:
         return codes.new_empty(N, K, dtype=torch.float32)
 
     @torch.library.register_fake(lib + "native_quant4_linear")
-    def _(x, codes, absmax, table, bias, N):
+    def _(x, codes, absmax, table, bias, N, gemv_max_m=8):
         return x.new_empty(x.shape[0], N, dtype=torch.float32)
 
     @torch.library.register_fake(lib + "native_quant4_linear_dx")

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Optional
 
 import torch
@@ -51,10 +52,12 @@ from lora_kernels.ops.plumbing import KERNEL_DTYPES, below_autograd, lora_dtype
 from lora_kernels.ops.plumbing import shape_str as _shape
 from lora_kernels.quant import QuantFormat, QuantWeight
 
-# Up to this many rows of x, the "native" forward decodes W0 on the fly (GEMV/GEMM: every decoded value is
-# used M times); above, the blocked dequantize + GEMM wins. The cutoff is csrc/quant_cpu.cpp's kGemvMaxM (the op
-# chooses); this mirrors it for the benchmark's path labels. Measured: see kGemvMaxM.
+# Up to this many rows of x, the "native" forward always decodes W0 on the fly (GEMV: every decoded value is
+# used M times). Above, the GEMV or the blocked dequantize + GEMM, whichever `gemv_max_m()` measured faster on
+# this machine (csrc/quant_cpu.cpp has the figures: MKL's non-Intel path makes the GEMV win up to M = 128 and
+# beyond on AMD; on the Intel dev CPU the blocked GEMM won from M = 12).
 GEMV_MAX_M = 8
+GEMV_CAP_STEPS = (16, 64, 256)  # the row counts gemv_max_m() tries, in order, while the GEMV keeps winning
 
 HAS_NATIVE_QUANT = NATIVE is not None and hasattr(torch.ops.lora_kernels, "native_quant4_linear")
 
@@ -199,9 +202,38 @@ def _native_base(x, codes, bias, absmax, nested_absmax, nested_code, nested_offs
     if not (x.dtype == torch.float32 and _native_ok(codes, fmt) and (bias is None or bias.dtype == torch.float32)):
         return None
     a = _absmax_native(fmt, absmax, nested_absmax, nested_code, nested_offset)
+    cap = GEMV_MAX_M if x.shape[0] <= GEMV_MAX_M else gemv_max_m()
     with below_autograd():
         return torch.ops.lora_kernels.native_quant4_linear.default(x, codes, a, quant.table(fmt.quant_type, x.device),
-                                                                   bias, fmt.shape[0])
+                                                                   bias, fmt.shape[0], cap)
+
+
+def gemv_max_m() -> int:
+    """The most rows of x for which the native forward runs its GEMV rather than the blocked dequantize + GEMM:
+    LORA_KERNELS_QUANT4_GEMV_MAX_M when set, else measured once per process and thread count (`dispatch.
+    fastest_once`: both exact float32, only the summation order differs) on a 512 x 1024 NF4 weight at each of
+    GEMV_CAP_STEPS rows while the GEMV keeps winning (~20 ms, once)."""
+    env = os.environ.get("LORA_KERNELS_QUANT4_GEMV_MAX_M")
+    if env:
+        return int(env)
+    return _measured_gemv_max_m(torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_gemv_max_m(threads: int) -> int:
+    cap = GEMV_MAX_M
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 256, (512 * 1024 // 2,), dtype=torch.uint8, generator=g)
+    absmax, table = torch.rand(512 * 1024 // 64, generator=g), quant.table("nf4", torch.device("cpu"))
+    op = torch.ops.lora_kernels.native_quant4_linear.default
+    for m in GEMV_CAP_STEPS:
+        x = torch.randn(m, 1024, generator=g)
+        options = {"gemv": lambda: op(x, codes, absmax, table, None, 512, m),
+                   "blocked": lambda: op(x, codes, absmax, table, None, 512, GEMV_MAX_M)}
+        if dispatch.fastest_once(("quant4_gemv_max_m", m, threads), options) != "gemv":
+            break
+        cap = m
+    return cap
 
 
 def native_fwd(x, codes, bias, lora_A, lora_B, scaling, dropout_p, seed, absmax, nested_absmax, nested_code,
