@@ -100,13 +100,14 @@ def _lora_params(layer) -> list[torch.Tensor]:
     return [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
 
 
-def _bnb_path(layer, x: torch.Tensor) -> str:
-    """Which bitsandbytes CPU base path a call on x runs."""
+def _bnb_path(layer, x: torch.Tensor, train: bool) -> str:
+    """Which bitsandbytes CPU base path a call on x runs: its eval-mode forward repacks the weight on a CPU with
+    AVX512-BF16 at the first call (Linear4bit.forward) and runs its bf16 kernel from then on."""
     qs = layer.weight.quant_state
-    if getattr(qs, "packing_format_for_cpu", False):
+    if getattr(qs, "packing_format_for_cpu", False) or (not train and x.device.type == "cpu"
+                                                        and getattr(layer, "support_avx512bf16_for_cpu", False)):
         return "bnb bf16 fused kernel (AVX512-BF16, repacked weight)"
-    return "bnb gemv_4bit (M=1)" if x.shape[0] == 1 and not torch.is_grad_enabled() else \
-        "bnb dequantize + fp32 GEMM"
+    return "bnb gemv_4bit (M=1)" if x.shape[0] == 1 and not train else "bnb dequantize + fp32 GEMM"
 
 
 def ours_path(x: torch.Tensor, grad: bool) -> str:
@@ -136,9 +137,10 @@ def build(name: str, models, x: torch.Tensor, phase: str) -> tuple[Callable[[], 
         from lora_kernels.ops import qlora
         return (lambda: qlora._deq_native(torch.float32, *qw.tensors(), qw.fmt)), "native dequantize"
     if name == BASE:
-        fwd, params, path = (lambda: base(x)), [], _bnb_path(base, x)
+        fwd, params, path = (lambda: base(x)), [], _bnb_path(base, x, train)
     elif name == PEFT:
-        fwd, params, path = (lambda: peft_layer(x)), _lora_params(peft_layer), _bnb_path(peft_layer.base_layer, x)
+        path = _bnb_path(peft_layer.base_layer, x, train)
+        fwd, params = (lambda: peft_layer(x)), _lora_params(peft_layer)
     elif name == OURS:
         fwd, params, path = (lambda: ours_layer(x)), _lora_params(ours_layer), ours_path(x, train)
     elif name == FP32:
