@@ -164,6 +164,31 @@ def test_native_gemv_every_row_count_and_row_tail():
         torch.ops.lora_kernels.native_quant4_linear(x, codes, a, table, None, 37, -1)
 
 
+def test_resolved_absmax_is_kept_per_weight_until_it_changes_or_dies():
+    """The native path resolves a double-quantized absmax once per weight (not per call), recomputes it after an
+    in-place change of the nested statistics, and forgets it when the weight is freed."""
+    if not qlora.HAS_NATIVE_QUANT:
+        pytest.skip("the C++ extension lora_kernels._C is not built (pip install --no-build-isolation -e .)")
+    import gc
+    qw, *made = quantized((40, 128), "nf4", nested=True)
+    fmt, (codes, absmax, n_absmax, n_code, n_offset) = qw.fmt, qw.tensors()
+    a = qlora._absmax_native(fmt, absmax, n_absmax, n_code, n_offset)
+    assert torch.equal(a, quant.resolve_absmax(fmt, absmax, n_absmax, n_code, n_offset))
+    assert qlora._absmax_native(fmt, absmax, n_absmax, n_code, n_offset) is a
+    with torch.no_grad():
+        n_absmax.mul_(2)  # the version counter: resolved again
+    b = qlora._absmax_native(fmt, absmax, n_absmax, n_code, n_offset)
+    assert b is not a and torch.equal(b, quant.resolve_absmax(fmt, absmax, n_absmax, n_code, n_offset))
+    x = torch.randn(3, 128)
+    y = qlora_linear(x, qw, None, torch.zeros(1, 128), torch.zeros(40, 1), 1.0, backend="native")
+    torch.testing.assert_close(y.double(), x.double() @ qw.dequantize().double().T, rtol=1e-5, atol=1e-5)
+    owner = id(absmax if absmax._base is None else absmax._base)
+    assert owner in qlora._RESOLVED_ABSMAX
+    del qw, made, absmax, a, b, codes, n_absmax, n_code, n_offset
+    gc.collect()
+    assert owner not in qlora._RESOLVED_ABSMAX
+
+
 def test_gemv_cap_is_measured_once_or_taken_from_the_environment(monkeypatch):
     """Above GEMV_MAX_M rows the native forward runs the GEMV or the blocked GEMM as measured on this machine
     (both exact: the values agree to float32 rounding either way); LORA_KERNELS_QUANT4_GEMV_MAX_M overrides it."""
