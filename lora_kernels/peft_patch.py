@@ -589,11 +589,9 @@ def _quant_static_reason(layer: nn.Module) -> str:
     if _hooked(base):
         return "base layer has forward hooks, which the fused op would bypass"
     try:
-        quant.from_bnb(base)
+        quant.from_bnb(base)  # (also refuses a weight bitsandbytes repacked for its CPU bf16 kernel)
     except (ValueError, TypeError, ImportError) as e:
         return f"quantized base not readable: {e}"
-    if kind == "4bit" and getattr(base.weight.quant_state, "packing_format_for_cpu", False):
-        return "bitsandbytes repacked this 4-bit weight for its CPU bf16 kernel (an eval-mode call happened)"
     return ""
 
 
@@ -628,8 +626,7 @@ def _quant_call(self, x: torch.Tensor):
         return None
     if torch.is_grad_enabled() and bias is not None and bias.requires_grad:
         return None
-    if quant.bnb_kind(base) == "4bit" and getattr(base._parameters["weight"].quant_state, "packing_format_for_cpu",
-                                                  False):
+    if quant.bnb_repacked(base):  # by a fallback call of bitsandbytes' own eval forward since the patch
         return None
     A = A_mod._parameters["weight"]
     Bp = mods["lora_B"]._modules[name]._parameters

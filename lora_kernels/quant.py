@@ -238,6 +238,10 @@ def from_bnb(obj, state=None, check: bool = True) -> QuantWeight:
         if qs is None:
             raise ValueError("the 4-bit weight is not quantized yet (no quant_state): move the layer to its "
                              "device (e.g. .to('cpu') / .cuda()) first, as bitsandbytes quantizes there")
+        if bnb_repacked(weight):
+            raise ValueError("bitsandbytes repacked this 4-bit weight for its CPU bfloat16 kernel (the Linear4bit "
+                             "ran in eval mode on a CPU with AVX512-BF16): its bytes are no longer the standard "
+                             "layout lora_kernels reads; do not run the bitsandbytes layer itself in eval mode")
         fmt = QuantFormat(quant_type=qs.quant_type, shape=tuple(int(d) for d in qs.shape), dtype=qs.dtype,
                           blocksize=int(qs.blocksize), nested=bool(qs.nested),
                           nested_blocksize=int(qs.state2.blocksize) if qs.nested else NESTED_BLOCKSIZE)
@@ -271,6 +275,13 @@ def from_bnb(obj, state=None, check: bool = True) -> QuantWeight:
     if check:
         check_quant_weight(*qw)
     return qw
+
+
+def bnb_repacked(obj) -> bool:
+    """Whether bitsandbytes has repacked a 4-bit weight (or a layer's) in place for its CPU bf16 kernel: its
+    eval-mode forward does so on CPUs with AVX512-BF16 (`packing_format_for_cpu`), leaving another byte layout."""
+    weight = obj._parameters["weight"] if isinstance(obj, torch.nn.Module) else obj
+    return bool(getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False))
 
 
 def _bnb_key(layer) -> tuple:

@@ -67,6 +67,15 @@ def tiny_llama(hidden: int = 64, seed: int = 0, vocab: int = 128):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
+def llama_inputs():
+    """(input_ids [4, 7], attention_mask) for tiny_llama: fixed tokens, sequence 1 left-padded by 2."""
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(1, 128, (4, 7), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0
+    return ids, mask
+
+
 def save_peft_adapter(base, path, seed: int, safe: bool = True, **cfg):
     """A PEFT LoRA adapter of `cfg` over a copy of `base`, with random lora_B (PEFT starts B at 0, which would
     leave the output unchanged) and DoRA magnitudes moved off their initial norm (so g ≠ 1), saved to `path`

@@ -254,7 +254,7 @@ def test_step_without_adapters_in_this_layer_is_the_base():
 
 transformers = pytest.importorskip("transformers", reason="MultiLoRAModel tests need `transformers`")
 peft = pytest.importorskip("peft", reason="the PEFT comparisons need `peft`")
-from conftest import LLAMA_ADAPTERS, LLAMA_LINEAR, save_peft_adapter, tiny_llama  # noqa: E402
+from conftest import LLAMA_ADAPTERS, LLAMA_LINEAR, llama_inputs, save_peft_adapter, tiny_llama  # noqa: E402
 from lora_kernels.serving import MultiLoRAModel  # noqa: E402
 
 ALL_LINEAR = LLAMA_LINEAR
@@ -308,14 +308,6 @@ def qsetup(tmp_path_factory):
     return qbase, paths, peft_models
 
 
-def _inputs():
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(1, 128, (4, 7), generator=g)
-    mask = torch.ones_like(ids)
-    ids[1, :2], mask[1, :2] = 0, 0  # one left-padded sequence
-    return ids, mask
-
-
 def _bnb_cpu_bf16() -> bool:
     """Whether bitsandbytes' CPU 4-bit matmul runs in bfloat16 here (its AVX512-BF16 path)."""
     try:
@@ -342,7 +334,7 @@ def test_multi_lora_model_over_nf4_matches_peft_per_sequence(qsetup):
     for name, p in paths.items():
         mm.load_adapter(name, p)
         twin.load_adapter(name, p)
-    ids, mask = _inputs()
+    ids, mask = llama_inputs()
     names = ["a", None, "c", "b"]
     out = mm(ids, attention_mask=mask, adapter_names=names).logits
     valid = mask.bool()
@@ -381,7 +373,7 @@ def test_multi_lora_model_over_nf4_generates_like_dense_twin(qsetup):
     for name, p in paths.items():
         mm.load_adapter(name, p)
         twin.load_adapter(name, p)
-    ids, mask = _inputs()
+    ids, mask = llama_inputs()
     names = ["b", "a", None, "c"]
     kw = dict(attention_mask=mask, adapter_names=names, max_new_tokens=5, do_sample=False, pad_token_id=0,
               output_scores=True, return_dict_in_generate=True)

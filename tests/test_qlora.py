@@ -442,6 +442,21 @@ def test_lora_linear_layer_over_a_bnb_base(kind, dropout):
         layer.merge()
 
 
+def test_a_weight_bitsandbytes_repacked_is_refused_everywhere():
+    """bitsandbytes' eval forward on an AVX512-BF16 CPU repacks a 4-bit weight in place (another byte layout):
+    reading it as the standard one would be silently wrong, so every reader refuses it -- `quant.from_bnb`, and
+    through it LoRALinear, MultiLoRALinear and patch_peft (the flag set by hand: any CPU)."""
+    layer = bnb_linear("4bit")
+    layer.weight.quant_state.packing_format_for_cpu = True
+    assert quant.bnb_repacked(layer)
+    with pytest.raises(ValueError, match="repacked this 4-bit weight"):
+        quant.from_bnb(layer)
+    with pytest.raises(ValueError, match="repacked this 4-bit weight"):
+        lora_kernels.LoRALinear(layer, r=2)(torch.randn(3, 128))
+    with pytest.raises(ValueError, match="repacked this 4-bit weight"):
+        lora_kernels.MultiLoRALinear(layer, max_loras=2, max_rank=2)
+
+
 def test_lora_linear_layer_caches_the_converted_weight_until_it_changes(monkeypatch):
     base = bnb_linear("4bit")
     layer = lora_kernels.LoRALinear(base, r=4)

@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="MultiLoRAModel tests need `transformers`")
 peft = pytest.importorskip("peft", reason="MultiLoRAModel tests need `peft`")
 
-from conftest import LLAMA_ADAPTERS, LLAMA_LINEAR, save_peft_adapter, tiny_llama  # noqa: E402
+from conftest import LLAMA_ADAPTERS, LLAMA_LINEAR, llama_inputs, save_peft_adapter, tiny_llama  # noqa: E402
 from lora_kernels.backends import available_backends  # noqa: E402
 from lora_kernels.serving import AdapterError, MultiLoRAModel  # noqa: E402
 
@@ -37,14 +37,6 @@ def setup(tmp_path_factory):
                    for name, p in paths.items()}
     assert (root / "c" / "adapter_model.bin").exists() and (root / "a" / "adapter_model.safetensors").exists()
     return base, root, paths, peft_models
-
-
-def _inputs():
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(1, 128, (4, 7), generator=g)
-    mask = torch.ones_like(ids)
-    ids[1, :2], mask[1, :2] = 0, 0  # one left-padded sequence
-    return ids, mask
 
 
 @torch.no_grad()
@@ -81,7 +73,7 @@ def test_mixed_batch_matches_peft(setup, backend):
     assert len(mm.layers) == 2 * len(ALL_LINEAR)
     for name in "abc":
         mm.load_adapter(name, paths[name])
-    ids, mask = _inputs()
+    ids, mask = llama_inputs()
     names = ["a", None, "c", "b"]
     out = mm(ids, attention_mask=mask, adapter_names=names).logits
     expected = _expected_logits(setup, names, ids, mask)
@@ -101,7 +93,7 @@ def test_generate_matches_peft(setup):
     mm = MultiLoRAModel(copy.deepcopy(base), max_loras=3, max_rank=8)
     for name in "abc":
         mm.load_adapter(name, paths[name])
-    ids, mask = _inputs()
+    ids, mask = llama_inputs()
     names = ["b", "a", None, "c"]
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     out = mm.generate(ids, attention_mask=mask, adapter_names=names, **kw)
@@ -116,7 +108,7 @@ def test_generate_matches_peft(setup):
 def test_eviction_reload_unload(setup):
     base, _, paths, _ = setup
     mm = MultiLoRAModel(copy.deepcopy(base), max_loras=2, max_rank=8)
-    ids, mask = _inputs()
+    ids, mask = llama_inputs()
     ids, mask = ids[:1], mask[:1]
     assert mm.load_adapter("a", paths["a"]) == 0 and mm.load_adapter("b", paths["b"]) == 1
     mm(ids, attention_mask=mask, adapter_names=["a"])  # "a" is now more recently used than "b"

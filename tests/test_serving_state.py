@@ -28,7 +28,8 @@ peft = pytest.importorskip("peft", reason="the model compares with PEFT")
 from lora_kernels.backends import available_backends  # noqa: E402
 from lora_kernels.serving import AdapterError, MultiLoRAModel  # noqa: E402
 
-from test_serving import ADAPTERS, ALL_LINEAR, _expected_logits, _inputs, _save_adapter, _tiny_llama  # noqa: E402
+from conftest import llama_inputs  # noqa: E402
+from test_serving import ADAPTERS, ALL_LINEAR, _expected_logits, _save_adapter, _tiny_llama  # noqa: E402
 
 MAX_LORAS, MAX_RANK = 3, 8
 NAMES = ["n0", "n1", "n2", "n3", "n4"]
@@ -181,7 +182,7 @@ def walk(world, backend, steps, seed, spot_every):
     log: list[str] = []
     counts = dict.fromkeys(["load", "load_bad", "evict", "reload", "unload", "forward", "bring_back", "unknown",
                             "busy", "busy_forward", "pin", "spot"], 0)
-    ids_all, mask_all = _inputs()
+    ids_all, mask_all = llama_inputs()
 
     def expect_error(exc, fn, *args, match=None):
         with pytest.raises(exc, match=match):
@@ -271,7 +272,7 @@ def spot_check(mm, model, base, peft_models):
     """A mixed batch through MultiLoRAModel vs. each sequence through PEFT with its adapter."""
     names = list(model.names())[:3] + [None]
     by_name = {n: peft_models[model.slots[s][1]] for n, s in model.names().items()}
-    ids, mask = _inputs()
+    ids, mask = llama_inputs()
     ids, mask = ids[:len(names)], mask[:len(names)]
     out = mm(ids, attention_mask=mask, adapter_names=names).logits
     model.use(names)  # the forward counts as a use in the LRU order

@@ -23,7 +23,8 @@ peft = pytest.importorskip("peft", reason="the tests save real PEFT adapters")
 import lora_kernels  # noqa: E402
 from lora_kernels.serving import MultiLoRAModel  # noqa: E402
 
-from test_serving import _inputs, _save_adapter, _tiny_llama  # noqa: E402
+from conftest import llama_inputs  # noqa: E402
+from test_serving import _save_adapter, _tiny_llama  # noqa: E402
 
 JOIN_TIMEOUT_S = 300  # a thread still alive after this is a deadlock
 # Six of the fourteen linear layers: every kind of projection shape, at half the cost of a step.
@@ -72,7 +73,7 @@ def test_reload_while_forwarding_is_never_torn(adapters):
     that saw some layers of p and some of q would match neither p's nor q's logits."""
     base, paths = adapters
     mm = MultiLoRAModel(copy.deepcopy(base), max_loras=2, max_rank=8, backend="torch")
-    ids, mask = _inputs()
+    ids, mask = llama_inputs()
     expected = {}
     for k in ("p", "q"):
         mm.load_adapter("x", paths[k])
@@ -104,7 +105,7 @@ def test_eviction_while_forwarding(adapters):
     forward."""
     base, paths = adapters
     mm = MultiLoRAModel(copy.deepcopy(base), max_loras=1, max_rank=8, backend="torch")
-    ids, mask = _inputs()
+    ids, mask = llama_inputs()
     mm.load_adapter("x", paths["p"])
     expected = mm(ids, attention_mask=mask, adapter_names=["x"] * 4).logits
     iters = 300
@@ -138,7 +139,7 @@ def test_deepcopy_gets_its_own_lock(adapters):
     mm.load_adapter("x", paths["p"])
     twin = copy.deepcopy(mm)
     assert twin._lock is not mm._lock
-    ids, mask = _inputs()
+    ids, mask = llama_inputs()
     assert torch.equal(twin(ids, attention_mask=mask, adapter_names=["x"] * 4).logits,
                        mm(ids, attention_mask=mask, adapter_names=["x"] * 4).logits)
     twin.unload_adapter("x")

@@ -103,9 +103,9 @@ def _lora_params(layer) -> list[torch.Tensor]:
 def _bnb_path(layer, x: torch.Tensor, train: bool) -> str:
     """Which bitsandbytes CPU base path a call on x runs: its eval-mode forward repacks the weight on a CPU with
     AVX512-BF16 at the first call (Linear4bit.forward) and runs its bf16 kernel from then on."""
-    qs = layer.weight.quant_state
-    if getattr(qs, "packing_format_for_cpu", False) or (not train and x.device.type == "cpu"
-                                                        and getattr(layer, "support_avx512bf16_for_cpu", False)):
+    from lora_kernels import quant
+    if quant.bnb_repacked(layer) or (not train and x.device.type == "cpu"
+                                     and getattr(layer, "support_avx512bf16_for_cpu", False)):
         return "bnb bf16 fused kernel (AVX512-BF16, repacked weight)"
     return "bnb gemv_4bit (M=1)" if x.shape[0] == 1 and not train else "bnb dequantize + fp32 GEMM"
 

@@ -432,11 +432,6 @@ class MultiLoRALinear(nn.Module):
         bias = self.base_layer.bias
         if not self.quant_kind:
             return self.base_layer.weight, bias
-        w = self.base_layer.weight
-        if getattr(getattr(w, "quant_state", None), "packing_format_for_cpu", False):
-            raise RuntimeError("bitsandbytes repacked this 4-bit weight for its CPU bfloat16 kernel (the "
-                               "Linear4bit ran in eval mode on an AVX512-BF16 CPU); MultiLoRALinear reads the "
-                               "standard layout: do not run the bitsandbytes layer itself in eval mode")
         qweight = quant.cached_from_bnb(self.__dict__, "_qweight", self.base_layer)
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)

@@ -85,7 +85,8 @@ def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: fl
             c = lora_bias.to(ct)
             extra = c * ((2.0 * scaling) * W.sum(1) + (scaling * scaling) * (2.0 * torch.mv(B, A.sum(1))
                                                                              + c * W.shape[1]))
-        if not _device_fixup(W, A) and _native_norm(W):
+        fixup = _device_fixup(W, A)
+        if not fixup and _native_norm(W):
             # The [out, r] tail in one native pass: n, or −1 on the rows to recompute. The PyTorch tail below is
             # ~6 ops of 15–85 µs; at out = 4864, r = 16, 1 thread, the norm goes 1.74 → 1.61 ms (W0 Aᵀ 1.39 ms).
             with plumbing.below_autograd():
@@ -103,7 +104,7 @@ def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: fl
         if lora_bias is not None:
             n2 += extra
         cancels = n2 < (5.0 * CANCEL_EPS) * w2
-        if _device_fixup(W, A):  # no host read of `cancels` (a CUDA sync): the fix-up kernel recomputes those rows
+        if fixup:  # no host read of `cancels` (a CUDA sync): the fix-up kernel recomputes those rows
             n = torch.where(cancels, -1.0, n2.clamp_min_(0).sqrt_())
             plumbing.kernels("dora").fix_cancelled_norms(W, A, B, None if lora_bias is None else c, n, scaling)
             return n
